@@ -1,0 +1,151 @@
+"""Labeled image sets for `train` and `verify`: built-in Fashion-MNIST, class-per-subfolder trees.
+
+A `LabeledImages` holds uint8 pixels (N, C, H, W) in memory: the small, labeled sets that training
+and victim evaluation use fit easily (Fashion-MNIST train is 47 MB). Streaming protection of large
+collections does not go through here; it uses the source -> engine -> sink pipeline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+]
+BUILTIN_DATASETS = ("fashion-mnist",)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read; the message says what is missing and how to get it."""
+
+
+@dataclass
+class LabeledImages:
+    pixels: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    class_names: list[str]
+    name: str = ""
+    paths: list[str] = field(default_factory=list)  # source file per image, where there is one
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.pixels.shape[-1])
+
+    def floats(self) -> torch.Tensor:
+        """Pixels as float32 in [0, 1]."""
+        return self.pixels.float().div_(255.0)
+
+    def subset(self, index: torch.Tensor | slice) -> "LabeledImages":
+        paths = [self.paths[i] for i in torch.arange(len(self))[index].tolist()] if self.paths else []
+        return LabeledImages(self.pixels[index], self.labels[index], self.class_names, self.name, paths)
+
+    def fingerprint(self) -> str:
+        """sha256 over pixels and labels: identifies exactly which data a generator was trained on."""
+        digest = hashlib.sha256()
+        digest.update(self.pixels.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> LabeledImages:
+    """Fashion-MNIST from the IDX files of Debian's `dataset-fashion-mnist` package (never downloads)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    files = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [root / f"{prefix}-{kind}.gz", root / f"{prefix}-{kind}"]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise DatasetError(
+                f"Fashion-MNIST not found in {root} (looked for {candidates[0].name}). "
+                "Install it with: sudo apt-get install -y dataset-fashion-mnist"
+            )
+        files.append(found)
+    images, labels = _read_idx(files[0]), _read_idx(files[1])
+    pixels = torch.from_numpy(images.copy()).unsqueeze(1)
+    return LabeledImages(pixels, torch.from_numpy(labels.astype(np.int64)), list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}")
+
+
+def _to_square(img: Image.Image, size: int, mode: str) -> Image.Image:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "P"):
+        # Cut-outs with transparency go onto white, as they would be shown.
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        canvas.alpha_composite(img)
+        img = canvas
+    img = img.convert(mode)
+    return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+
+
+def load_image_folder(root: Path, size: int, channels: int = 3) -> LabeledImages:
+    """A class-per-subfolder tree (root/<class>/<image>), every image fitted to size x size."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder of class subfolders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root}: no class subfolders (expected {root}/<class>/<image files>)")
+    mode = "L" if channels == 1 else "RGB"
+    arrays, labels, paths = [], [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((root / cls).rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            with Image.open(path) as img:
+                arr = np.asarray(_to_square(img, size, mode))
+            arrays.append(arr.reshape(size, size, channels))
+            labels.append(label)
+            paths.append(str(path))
+    if not arrays:
+        raise DatasetError(f"{root}: class subfolders hold no images")
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return LabeledImages(pixels, torch.tensor(labels, dtype=torch.int64), classes, root.name, paths)
+
+
+def load_labeled(source: str, split: str = "train", size: int | None = None, channels: int | None = None) -> LabeledImages:
+    """Resolve a DATA argument: a built-in name, or a class-per-subfolder tree."""
+    if source in BUILTIN_DATASETS:
+        return load_fashion_mnist(split)
+    return load_image_folder(Path(source), size=size or 64, channels=channels or 3)
+
+
+def split_holdout(data: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """Deterministic stratified split: (train, held-out test)."""
+    gen = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for label in range(len(data.class_names)):
+        idx = (data.labels == label).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        test_idx.append(idx[: max(1, int(round(len(idx) * fraction)))] if len(idx) > 1 else idx[:0])
+    test = torch.cat(test_idx).sort().values
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[test] = False
+    return data.subset(mask.nonzero().flatten()), data.subset(test)

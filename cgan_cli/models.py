@@ -1,0 +1,124 @@
+"""The networks, as plain `nn.Module`s: confounder generator, discriminator, victim classifiers.
+
+Every image tensor here is float in [0, 1], shape (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+
+def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: a protected image must not depend on what else is in its batch.
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+        nn.GroupNorm(min(8, c_out), c_out),
+        nn.SiLU(inplace=True),
+    )
+
+
+class ConfounderGenerator(nn.Module):
+    """Image -> noise direction in [-1, 1]; the protected image is clamp(x + epsilon * G(x)).
+
+    Fully convolutional. An encoder reads the image and outputs soft "confounder codes" (it learns
+    to guess the label, since the noise must predict the label while the label is never an input);
+    the codes mix a bank of learned periodic tiles, which are repeated over the whole image (so the
+    shortcut survives crops and shifts), and a small local head adds an image-dependent texture.
+    Output is tanh-bounded, so epsilon * G(x) respects the L-inf budget exactly.
+    """
+
+    arch = "confounder-v1"
+
+    def __init__(self, channels: int = 3, num_codes: int = 10, width: int = 32, tile: int = 8) -> None:
+        super().__init__()
+        self.channels, self.num_codes, self.width, self.tile = channels, num_codes, width, tile
+        self.encoder = nn.Sequential(
+            _conv_block(channels, width),
+            _conv_block(width, 2 * width, stride=2),
+            _conv_block(2 * width, 4 * width, stride=2),
+            _conv_block(4 * width, 4 * width),
+        )
+        self.code_head = nn.Conv2d(4 * width, num_codes, 1)
+        self.tiles = nn.Parameter(torch.randn(num_codes, channels, tile, tile))
+        self.local_head = nn.Sequential(_conv_block(channels, width), nn.Conv2d(width, channels, 3, padding=1))
+
+    def arch_params(self) -> dict[str, int]:
+        return {"channels": self.channels, "num_codes": self.num_codes, "width": self.width, "tile": self.tile}
+
+    def code_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, num_codes) logits: which confounder pattern this image gets."""
+        return self.code_head(self.encoder(x)).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        codes = self.code_logits(x).softmax(dim=1)
+        pattern = torch.einsum("bk,kcij->bcij", codes, self.tiles)
+        reps = (-(-h // self.tile), -(-w // self.tile))
+        pattern = pattern.repeat(1, 1, *reps)[..., :h, :w]
+        return torch.tanh(pattern + self.local_head(x))
+
+
+class Discriminator(nn.Module):
+    """Clean vs protected: one logit per image (positive = protected). Keeps the noise imperceptible."""
+
+    def __init__(self, channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(4 * width, 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(1, 2, 3))
+
+
+class SmallCNN(nn.Module):
+    """Victim / surrogate classifier for small images (28-64 px): 3 conv blocks + linear head."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def resnet18_small(channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """torchvision ResNet-18 adapted to small images: 3x3 stem, stride 1, no max-pool."""
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+GENERATORS: dict[str, type[nn.Module]] = {ConfounderGenerator.arch: ConfounderGenerator}
+
+
+def build_generator(arch: str, params: dict[str, int]) -> nn.Module:
+    """Construct a generator by the architecture name and hyper-parameters stored with its weights."""
+    if arch not in GENERATORS:
+        raise ValueError(f"unknown generator architecture {arch!r}; this cgan knows {sorted(GENERATORS)}")
+    return GENERATORS[arch](**params)
+
+
+def upsample_noise(noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bring working-resolution noise to the image's full size; bilinear keeps it within [-eps, eps]."""
+    if tuple(noise.shape[-2:]) == tuple(size):
+        return noise
+    return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,138 @@
+"""Generator weights on disk: safetensors tensors + one JSON metadata block. No pickle anywhere.
+
+`torch.load` on a file someone downloaded can execute code; safetensors cannot. Loading checks
+the format version, the architecture, every key and every shape, and says which one is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cgan_cli.models import GENERATORS, build_generator
+
+FORMAT_VERSION = 1
+META_KEY = "cgan"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_RGB_WEIGHTS = DEFAULT_WEIGHTS_DIR / "cgan-rgb-default.safetensors"
+
+
+class WeightsError(ValueError):
+    """A weights file that cgan refuses to use; the message says what is wrong."""
+
+
+@dataclass
+class WeightsMeta:
+    """Everything `protect` needs to use a generator, plus how it was made."""
+
+    arch: str
+    arch_params: dict[str, int]
+    epsilon: float  # in /255 units, the budget the generator was trained for
+    working_size: int  # generator input side in pixels (images are resized to this for the code)
+    channels: int  # 1 = grayscale, 3 = RGB
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)  # training hyper-parameters and objective
+    dataset: dict[str, Any] = field(default_factory=dict)  # name, size, fingerprint
+    seed: int | None = None
+    command: str = ""
+    code_version: str = ""
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "WeightsMeta":
+        raw = json.loads(text)
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise WeightsError(f"metadata format_version is {version!r}; this cgan reads version {FORMAT_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k in ("arch", "arch_params", "epsilon", "working_size", "channels", "num_classes") if k not in raw]
+        if missing:
+            raise WeightsError(f"metadata lacks required field(s): {', '.join(missing)}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file via temp name + rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_generator(path: Path, model: nn.Module, meta: WeightsMeta) -> None:
+    save_tensors_atomic(path, model.state_dict(), {META_KEY: meta.to_json()})
+
+
+def read_meta(path: Path) -> WeightsMeta:
+    """Metadata only, without loading tensors (cheap: safetensors keeps it in the header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if raw is None:
+        raise WeightsError(f"{path}: no '{META_KEY}' metadata block; not a cgan generator file")
+    try:
+        return WeightsMeta.from_json(raw)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise WeightsError(f"{path}: metadata is not valid cgan JSON ({exc})") from exc
+
+
+def load_generator(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, WeightsMeta]:
+    """Build the generator that `path` describes and load its weights, validating everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    meta = read_meta(path)
+    if meta.arch not in GENERATORS:
+        raise WeightsError(f"{path}: architecture {meta.arch!r} unknown; this cgan knows {sorted(GENERATORS)}")
+    try:
+        model = build_generator(meta.arch, meta.arch_params)
+    except TypeError as exc:
+        raise WeightsError(f"{path}: bad hyper-parameters {meta.arch_params} for {meta.arch}: {exc}") from exc
+    if getattr(model, "channels", meta.channels) != meta.channels:
+        raise WeightsError(f"{path}: metadata says {meta.channels} channels, architecture has {model.channels}")
+    tensors = load_file(str(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: key mismatch for {meta.arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise WeightsError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(ref.shape)}")
+        if not torch.isfinite(tensors[key].float()).all():
+            raise WeightsError(f"{path}: tensor {key} holds NaN or Inf")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta
