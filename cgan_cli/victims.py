@@ -1,0 +1,118 @@
+"""Fresh victim classifiers: train on (possibly protected) images, test on clean images.
+
+This is the honest test of unlearnability, shared by `cgan verify` and the training benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cgan_cli.models import SmallCNN, resnet18_small
+
+VICTIM_ARCHS = ("cnn", "resnet18")
+
+
+@dataclass
+class VictimConfig:
+    arch: str = "cnn"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1  # peak of a one-cycle schedule, SGD momentum 0.9 nesterov
+    weight_decay: float = 5e-4
+    augment: bool = True  # random crop (pad 1/8 of the side) + horizontal flip
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class VictimResult:
+    test_accuracy: float
+    epoch_accuracy: list[float] = field(default_factory=list)  # clean-test accuracy after each epoch
+    train_accuracy: float = 0.0  # on the data it was trained on, last epoch
+    seconds: float = 0.0
+
+
+def build_victim(arch: str, channels: int, num_classes: int) -> nn.Module:
+    if arch == "cnn":
+        return SmallCNN(channels, num_classes)
+    if arch == "resnet18":
+        return resnet18_small(channels, num_classes)
+    raise ValueError(f"unknown victim arch {arch!r}; choose from {VICTIM_ARCHS}")
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Standard augmentation, batched: reflect-pad by 1/8 of the side, random crop back, random h-flip."""
+    b, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, :, None]  # (b, h, 1)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, :]  # (b, 1, w)
+    out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out).contiguous()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i : i + batch_size].to(device))
+        correct += (logits.argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+    return correct / max(1, len(y))
+
+
+BatchHook = Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+
+
+def train_victim(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    cfg: VictimConfig,
+    batch_hook: BatchHook | None = None,
+) -> VictimResult:
+    """Train a fresh victim on float images in [0, 1]; report clean-test accuracy per epoch.
+
+    `batch_hook(x, y, model) -> x` lets a countermeasure change each training batch (mixup, cutout,
+    adversarial training) without a second training loop.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = build_victim(cfg.arch, train_x.shape[1], num_classes).to(cfg.device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    steps_per_epoch = -(-len(train_y) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    start, curve, train_acc = time.perf_counter(), [], 0.0
+    for _ in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(train_y), generator=gen)
+        correct = 0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            x, y = train_x[idx], train_y[idx]
+            if cfg.augment:
+                x = crop_flip(x, gen)
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            if batch_hook is not None:
+                x = batch_hook(x, y, model)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += (logits.argmax(1) == y).sum().item()
+        train_acc = correct / len(order)
+        curve.append(accuracy(model, test_x, test_y, device=cfg.device))
+    return VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)
