@@ -122,3 +122,18 @@ def upsample_noise(noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(noise.shape[-2:]) == tuple(size):
         return noise
     return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Round [0, 1] floats to the 256 levels an 8-bit file can hold."""
+    return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+
+
+def protect_tensor(generator: nn.Module, x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Protected images clamp(x + epsilon/255 * G(x)), quantized to 8 bits as a written file would be.
+
+    `x` is float in [0, 1] at the generator's working resolution; epsilon is in /255 units. Rounding
+    can move a pixel by at most half a level, so the delivered L-inf is <= epsilon + 0.5 (in /255).
+    """
+    noise = (epsilon / 255.0) * generator(x)
+    return quantize_8bit(x + noise)
