@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from cgan_cli.sources import IMAGE_SUFFIXES  # one list, shared with the protect folder walk
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 ]
 BUILTIN_DATASETS = ("fashion-mnist",)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 class DatasetError(ValueError):
@@ -130,10 +132,47 @@ def load_image_folder(root: Path, size: int, channels: int = 3) -> LabeledImages
     return LabeledImages(pixels, torch.tensor(labels, dtype=torch.int64), classes, root.name, paths)
 
 
+def load_shards(spec: str, size: int, channels: int = 3) -> LabeledImages:
+    """Labeled WebDataset shards (paths, brace patterns, pipe: URLs): one image + one `cls` per sample.
+
+    Samples are grouped by key the webdataset way; `cls` holds the integer label as text. Samples
+    without an image or a `cls` member are skipped (webdataset pipelines drop them too).
+    """
+    from cgan_cli.shards import expand_shard_spec, iter_keyed_samples
+
+    mode = "L" if channels == 1 else "RGB"
+    arrays, labels, paths = [], [], []
+    for url in expand_shard_spec(spec):
+        for key, fields in iter_keyed_samples(url):
+            image_ext = next((e for e in fields if "." + e.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
+            if image_ext is None or "cls" not in fields:
+                continue
+            try:
+                label = int(fields["cls"].decode("utf-8").strip())
+                with Image.open(io.BytesIO(fields[image_ext])) as img:
+                    arr = np.asarray(_to_square(img, size, mode))
+            except (ValueError, OSError) as exc:
+                raise DatasetError(f"{url}: sample {key!r}: unreadable image or label ({exc})") from exc
+            arrays.append(arr.reshape(size, size, channels))
+            labels.append(label)
+            paths.append(f"{url}#{key}.{image_ext}")
+    if not arrays:
+        raise DatasetError(f"{spec}: no samples with both an image and a cls member")
+    if min(labels) < 0:
+        raise DatasetError(f"{spec}: negative cls label {min(labels)}")
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    names = [str(i) for i in range(max(labels) + 1)]
+    return LabeledImages(pixels, torch.tensor(labels, dtype=torch.int64), names, Path(spec).name, paths)
+
+
 def load_labeled(source: str, split: str = "train", size: int | None = None, channels: int | None = None) -> LabeledImages:
-    """Resolve a DATA argument: a built-in name, or a class-per-subfolder tree."""
+    """Resolve a DATA argument: a built-in name, WebDataset shards, or a class-per-subfolder tree."""
+    from cgan_cli.shards import looks_like_shards
+
     if source in BUILTIN_DATASETS:
         return load_fashion_mnist(split)
+    if looks_like_shards(str(source)):
+        return load_shards(str(source), size=size or 64, channels=channels or 3)
     return load_image_folder(Path(source), size=size or 64, channels=channels or 3)
 
 

@@ -28,6 +28,7 @@ class VictimConfig:
     augment: bool = True  # random crop (pad 1/8 of the side) + horizontal flip
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA only; CPU always trains in fp32
 
 
 @dataclass
@@ -70,7 +71,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, len(y))
 
 
-BatchHook = Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+# A hook returns the new batch, or (batch, target) where target is a (B, K) class-probability
+# tensor (mixup): the loss then uses the soft target, train accuracy still the hard labels.
+BatchHook = Callable[[torch.Tensor, torch.Tensor, nn.Module], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(cfg: VictimConfig) -> torch.autocast:
+    """Mixed precision where it pays (CUDA); a disabled context on CPU keeps CPU runs exact and deterministic."""
+    on_cuda = torch.device(cfg.device).type == "cuda"
+    dtype = AUTOCAST_DTYPES.get(cfg.precision, torch.float32)
+    return torch.autocast("cuda" if on_cuda else "cpu", dtype=dtype, enabled=on_cuda and cfg.precision in AUTOCAST_DTYPES)
 
 
 def train_victim(
@@ -93,6 +104,9 @@ def train_victim(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = -(-len(train_y) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    if cfg.precision not in ("fp32", *AUTOCAST_DTYPES):
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=torch.device(cfg.device).type == "cuda" and cfg.precision == "fp16")
     start, curve, train_acc = time.perf_counter(), [], 0.0
     for _ in range(cfg.epochs):
         model.train()
@@ -104,15 +118,20 @@ def train_victim(
             if cfg.augment:
                 x = crop_flip(x, gen)
             x, y = x.to(cfg.device), y.to(cfg.device)
+            target = y
             if batch_hook is not None:
-                x = batch_hook(x, y, model)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+                hooked = batch_hook(x, y, model)
+                x, target = hooked if isinstance(hooked, tuple) else (hooked, y)
+            with _autocast(cfg):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), target)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             correct += (logits.argmax(1) == y).sum().item()
         train_acc = correct / len(order)
-        curve.append(accuracy(model, test_x, test_y, device=cfg.device))
+        with _autocast(cfg):
+            curve.append(accuracy(model, test_x, test_y, device=cfg.device))
     return VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)

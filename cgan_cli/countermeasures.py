@@ -1,0 +1,203 @@
+"""What a victim can do to data it suspects is protected, to learn from it anyway.
+
+Two kinds, both applied to the victim's *training* side only (the test set always stays clean):
+
+- data transforms, uint8 (N, C, H, W) -> uint8 (N, C, H, W), applied once to the whole training set,
+  the way someone would re-save the files (so every result is valid 8-bit data again):
+  `jpeg:Q`, `grayscale`, `blur:SIGMA`, `rescale:F`;
+- batch hooks for `victims.train_victim`, built fresh per training run from a seed (so the clean
+  and protected runs see identical randomness): `strong-aug` (cutout + mixup), `adv:EPS` (PGD
+  adversarial training).
+
+`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cgan_cli.victims import BatchHook
+
+DataTransform = Callable[[torch.Tensor], torch.Tensor]
+HookFactory = Callable[[int, int], BatchHook]  # (seed, num_classes) -> hook
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+def jpeg(pixels: torch.Tensor, quality: int) -> torch.Tensor:
+    """Re-encode every image as JPEG at `quality` with PIL and decode it again."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"jpeg quality must be 1..100, got {quality}")
+    arrays = pixels.permute(0, 2, 3, 1).numpy()
+    mode = "L" if pixels.shape[1] == 1 else "RGB"
+    out = np.empty_like(arrays)
+    for i, arr in enumerate(arrays):
+        buf = io.BytesIO()
+        Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as img:
+            out[i] = np.asarray(img.convert(mode)).reshape(arr.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def grayscale(pixels: torch.Tensor) -> torch.Tensor:
+    """Replace every channel by the luma (channel count kept so the victim is unchanged; no-op on 1 channel)."""
+    if pixels.shape[1] == 1:
+        return pixels.clone()
+    if pixels.shape[1] != 3:
+        raise ValueError(f"grayscale needs 1 or 3 channels, got {pixels.shape[1]}")
+    weights = torch.tensor(LUMA).view(1, 3, 1, 1)
+    luma = (pixels.float() * weights).sum(dim=1, keepdim=True) / 255.0
+    return _to_uint8(luma).expand_as(pixels).contiguous()
+
+
+def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur, kernel radius ceil(3 sigma), reflect padding at the borders."""
+    if sigma <= 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    _, c, h, w = pixels.shape
+    radius = min(int(math.ceil(3 * sigma)), h - 1, w - 1)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = pixels.float() / 255.0
+    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return _to_uint8(x)
+
+
+def rescale(pixels: torch.Tensor, factor: float) -> torch.Tensor:
+    """Downscale by `factor` (antialiased bilinear), then upscale back to the original size."""
+    if factor <= 1:
+        raise ValueError(f"rescale factor must be > 1, got {factor}")
+    h, w = pixels.shape[-2:]
+    small = (max(1, round(h / factor)), max(1, round(w / factor)))
+    x = pixels.float() / 255.0
+    x = F.interpolate(x, size=small, mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return _to_uint8(x)
+
+
+def strong_aug_hook(seed: int, num_classes: int, cutout: float = 0.5) -> BatchHook:
+    """Cutout (one gray square, side `cutout` x image side, per image) then mixup (Beta(1,1) = uniform lambda).
+
+    Returns (images, soft targets): mixup mixes labels as well as pixels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = x.shape
+        side_h, side_w = max(1, int(h * cutout)), max(1, int(w * cutout))
+        cy = torch.randint(0, h, (b,), generator=gen)
+        cx = torch.randint(0, w, (b,), generator=gen)
+        rows, cols = torch.arange(h), torch.arange(w)
+        in_rows = (rows[None, :] >= (cy - side_h // 2)[:, None]) & (rows[None, :] < (cy - side_h // 2 + side_h)[:, None])
+        in_cols = (cols[None, :] >= (cx - side_w // 2)[:, None]) & (cols[None, :] < (cx - side_w // 2 + side_w)[:, None])
+        hole = (in_rows[:, :, None] & in_cols[:, None, :])[:, None].to(x.device)
+        x = torch.where(hole, torch.full_like(x, 0.5), x)
+        lam = torch.rand((), generator=gen).item()
+        perm = torch.randperm(b, generator=gen).to(x.device)
+        onehot = F.one_hot(y, num_classes).float()
+        return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
+
+    return hook
+
+
+def adversarial_hook(seed: int, num_classes: int, epsilon: float, steps: int = 3) -> BatchHook:
+    """PGD adversarial training (Madry et al.): replace each batch by its L-inf `epsilon`/255 worst case.
+
+    Random start, `steps` sign-gradient steps of 2.5 * epsilon / steps. The attack runs with the
+    model in eval mode so the BatchNorm statistics only see the batches actually trained on.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    eps = epsilon / 255.0
+    alpha = 2.5 * eps / steps
+
+    def hook(x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * eps).to(x.device)
+        with torch.enable_grad():
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
+        model.train(was_training)
+        return (x + delta).clamp(0, 1).detach()
+
+    return hook
+
+
+@dataclass(frozen=True)
+class Countermeasure:
+    """A parsed `--countermeasure` spec: a data transform, a hook factory, or neither (`none`)."""
+
+    spec: str
+    transform: DataTransform | None = None
+    make_hook: HookFactory | None = None
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.transform(pixels) if self.transform is not None else pixels
+
+    def hook(self, seed: int, num_classes: int) -> BatchHook | None:
+        return self.make_hook(seed, num_classes) if self.make_hook is not None else None
+
+
+COUNTERMEASURE_HELP = {
+    "none": "the plain victim recipe",
+    "jpeg:Q": "re-encode training images as JPEG at quality Q (e.g. jpeg:75)",
+    "grayscale": "replace every channel by the luma (no-op on 1-channel data)",
+    "blur:SIGMA": "Gaussian blur with standard deviation SIGMA pixels (e.g. blur:1)",
+    "rescale:F": "downscale by factor F, then upscale back (e.g. rescale:2)",
+    "strong-aug": "cutout (half-side square) + mixup on every training batch",
+    "adv:EPS": "PGD adversarial training at L-inf radius EPS/255, 3 steps (e.g. adv:4)",
+}
+
+
+def _number(spec: str, arg: str, kind: type) -> float:
+    try:
+        return kind(arg)
+    except ValueError:
+        raise ValueError(f"countermeasure {spec!r}: {arg!r} is not a valid {kind.__name__}") from None
+
+
+def parse_countermeasure(spec: str) -> Countermeasure:
+    """`jpeg:75` -> Countermeasure; raises ValueError naming the valid forms on anything else."""
+    name, _, arg = spec.strip().partition(":")
+    name = name.lower()
+    if name in ("none", "grayscale", "strong-aug") and not arg:
+        if name == "grayscale":
+            return Countermeasure(spec, transform=grayscale)
+        if name == "strong-aug":
+            return Countermeasure(spec, make_hook=strong_aug_hook)
+        return Countermeasure(spec)
+    if name in ("jpeg", "blur", "rescale", "adv") and arg:
+        if name == "jpeg":
+            quality = int(_number(spec, arg, int))
+            jpeg(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), quality)  # validates the range now, not mid-run
+            return Countermeasure(spec, transform=lambda p: jpeg(p, quality))
+        value = float(_number(spec, arg, float))
+        if value <= 0 or (name == "rescale" and value <= 1):
+            raise ValueError(f"countermeasure {spec!r}: {name} needs a value > {1 if name == 'rescale' else 0}")
+        if name == "blur":
+            return Countermeasure(spec, transform=lambda p: gaussian_blur(p, value))
+        if name == "rescale":
+            return Countermeasure(spec, transform=lambda p: rescale(p, value))
+        return Countermeasure(spec, make_hook=lambda seed, k: adversarial_hook(seed, k, value))
+    raise ValueError(f"unknown countermeasure {spec!r}; valid forms: {', '.join(COUNTERMEASURE_HELP)}")

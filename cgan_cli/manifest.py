@@ -1,0 +1,178 @@
+"""The run's record: manifest.jsonl (one JSON line per input, flushed as it happens) and summary.json.
+
+manifest.jsonl is append-only across runs, so a killed run loses at most the line being written and
+a rerun can see what is done. The last record for an output wins. `ResumeIndex` reads it back: an
+output recorded as protected (or skipped) whose source still hashes the same and whose file still
+exists is not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+MANIFEST_NAME = "manifest.jsonl"
+SUMMARY_NAME = "summary.json"
+STATUSES = ("protected", "skipped", "failed")
+
+
+@dataclass
+class ManifestRecord:
+    """One input's outcome. linf (in /255 units) and psnr (dB) are measured on the written file."""
+
+    source: str
+    output: str | None
+    status: str  # protected | skipped | failed
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None  # the source's PIL mode, e.g. RGB, L, RGBA, I;16
+    format: str | None = None  # the source's format, e.g. JPEG, PNG
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    sha256_in: str | None = None
+    sha256_out: str | None = None
+    linf: float | None = None  # max |written - original| over colour channels, /255 units
+    psnr: float | None = None  # dB over colour channels; null when the written pixels are identical
+    seconds: float | None = None
+    settings: str | None = None  # settings_key() of the run: resume only reuses outputs made the same way
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False, allow_nan=False)
+
+
+def settings_key(weights_sha256: str, epsilon: float, full_res: bool, fmt: str | None, quality: int | None) -> str:
+    """A short fingerprint of everything that changes an output's bytes, so resume never reuses an
+    output made with other weights, epsilon, mode or format."""
+    text = json.dumps([weights_sha256, float(epsilon), bool(full_res), fmt, quality])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunSummary:
+    """summary.json: what ran, with which weights, and how it went."""
+
+    cgan_version: str
+    weights: dict[str, Any]  # path, sha256, metadata
+    epsilon: float
+    device: str
+    precision: str
+    working_size: int
+    full_res: bool
+    out: str
+    seed: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STATUSES})
+    total: int = 0
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+    dry_run: bool = False
+
+    def add(self, status: str) -> None:
+        self.counts[status] += 1
+        self.total += 1
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.counts["failed"] else 0
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(asdict(self), indent=indent, sort_keys=False)
+
+
+class ManifestWriter:
+    """Appends one line per record and flushes it, so an outside reader (or a rerun) sees it at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: TextIO = open(self.path, "a+", encoding="utf-8")
+        self._terminate_partial_line()
+
+    def _terminate_partial_line(self) -> None:
+        """A SIGKILL mid-write can leave a last line without newline; never glue a record onto it."""
+        size = self._fh.seek(0, os.SEEK_END)
+        if size:
+            with open(self.path, "rb") as raw:
+                raw.seek(size - 1)
+                if raw.read(1) != b"\n":
+                    self._fh.write("\n")
+
+    def write(self, record: ManifestRecord) -> None:
+        self._fh.write(record.to_json() + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """All parseable lines of a manifest (a torn last line from a killed run is ignored)."""
+    records = []
+    if not Path(path).is_file():
+        return records
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+@dataclass
+class DoneEntry:
+    sha256_in: str
+    sha256_out: str | None
+    bytes_out: int | None
+
+
+class ResumeIndex:
+    """Which outputs an earlier run finished, keyed by output id (only the hashes are kept in memory)."""
+
+    def __init__(self, done: dict[str, DoneEntry] | None = None) -> None:
+        self.done = done or {}
+
+    @classmethod
+    def load(cls, manifest: Path, settings: str | None = None) -> "ResumeIndex":
+        """Index an earlier manifest; with `settings`, only records made with the same settings count."""
+        done: dict[str, DoneEntry] = {}
+        if not Path(manifest).is_file():
+            return cls(done)
+        with open(manifest, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    output = rec["output"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+                same = settings is None or rec.get("settings") == settings
+                if rec.get("status") in ("protected", "skipped") and rec.get("sha256_in") and same:
+                    done[output] = DoneEntry(rec["sha256_in"], rec.get("sha256_out"), rec.get("bytes_out"))
+                elif output is not None:
+                    done.pop(output, None)  # a later failure supersedes an earlier success
+        return cls(done)
+
+    def lookup(self, output: str, exists: Callable[[str], bool]) -> DoneEntry | None:
+        """What an earlier run recorded for `output`, if it finished it and the file is still there.
+
+        The caller still compares the source's current sha256 with `sha256_in` before skipping.
+        """
+        entry = self.done.get(output)
+        if entry is None or not exists(output):
+            return None
+        return entry
+
+
+def write_summary(path: Path, summary: RunSummary) -> None:
+    """summary.json via temp + rename, like every other file cgan writes."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".cgan.tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(summary.to_json(indent=2) + "\n")
+    os.replace(tmp, path)

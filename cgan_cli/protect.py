@@ -1,0 +1,421 @@
+"""`cgan protect`: the streaming pipeline source -> decode workers -> engine -> encode threads -> sink.
+
+Memory is flat in the number of inputs: samples are pulled lazily, at most max(2 x workers,
+batch_size) decodes are in flight, the engine takes chunks of `CHUNK_BATCHES x batch_size` decoded
+images (fewer when they exceed CHUNK_PIXELS; grouped by working shape inside), and at most one such
+chunk waits in the encode threads (encoding the previous chunk overlaps with computing the next;
+Pillow releases the GIL). Records come out in input order (FIFO queues keep the sequence), so an
+`ordered` sink (a tar shard) gets samples in order.
+
+`protect_stream` is the reusable core: any iterable of `Sample`s, any `Sink`. `run_protect` wires
+it to folders/files/stdin and a `FolderSink`, and writes manifest.jsonl + summary.json under --out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from cgan_cli import __version__
+from cgan_cli.codec import (
+    FORCED_FORMATS, EncodeOptions, Prepared, decode_image, encode_image, fidelity, output_name, prepare,
+)
+from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine
+from cgan_cli.manifest import MANIFEST_NAME, SUMMARY_NAME, ManifestRecord, ManifestWriter, ResumeIndex, RunSummary, settings_key, write_summary
+from cgan_cli.sinks import FolderSink, Sink
+from cgan_cli.sources import Sample, UsageError, count_samples, iter_samples, validate_inputs
+from cgan_cli.weights import DEFAULT_RGB_WEIGHTS, WeightsError, file_sha256, read_meta
+
+CHUNK_BATCHES = 2  # engine chunk = this many batches: enough to group shapes, small enough to stay flat
+CHUNK_PIXELS = 48_000_000  # ...and at most about this many decoded samples (~48 MB of uint8) per chunk
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    inputs: tuple[str, ...]
+    out: Path
+    weights: Path | None = None  # None = the shipped default, which must exist (never random weights)
+    epsilon: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 16
+    workers: int = default_workers()  # decode processes (0 = decode in the main process); also encode threads
+    seed: int = 0
+    format: str | None = None
+    quality: int | None = None
+    full_res: bool = False
+    dry_run: bool = False
+
+    def checked(self) -> "ProtectConfig":
+        """Usage errors in the options themselves; returns the config with the weights path resolved."""
+        if self.format is not None and self.format not in FORCED_FORMATS:
+            raise UsageError(f"--format {self.format}: expected one of {', '.join(FORCED_FORMATS)}")
+        if self.weights is None and not DEFAULT_RGB_WEIGHTS.is_file():
+            raise UsageError(
+                f"no trained weights at {DEFAULT_RGB_WEIGHTS} yet; pass --weights FILE.safetensors, "
+                "or train a generator first with `cgan train` (cgan never protects with random weights)"
+            )
+        return replace(self, weights=self.weights or DEFAULT_RGB_WEIGHTS)
+
+    def engine_config(self) -> EngineConfig:
+        assert self.weights is not None, "call checked() first"
+        return EngineConfig(self.weights, self.device, self.precision, self.epsilon, self.batch_size, self.full_res, self.seed)
+
+    def encode_options(self) -> EncodeOptions:
+        return EncodeOptions(self.format, self.quality)
+
+
+def _base_record(item: Prepared, status: str) -> ManifestRecord:
+    rec = ManifestRecord(item.sample.id, item.sample.rel_out, status, item.error, bytes_in=item.bytes_in, sha256_in=item.sha256_in)
+    if item.decoded is not None:
+        rec.width, rec.height = item.decoded.width, item.decoded.height
+        rec.mode, rec.format = item.decoded.mode, item.decoded.format
+    return rec
+
+
+def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions, sink: Sink, t_engine: float) -> tuple[ManifestRecord, bytes | None]:
+    """Encode stage (runs in a thread): encode, re-decode the payload to measure it, write if unordered."""
+    t0 = time.perf_counter()
+    if item.error is not None or item.skip is not None:
+        rec = _base_record(item, "failed" if item.error is not None else "skipped")
+        if item.skip is not None:
+            rec.sha256_out, rec.bytes_out = item.skip.sha256_out, item.skip.bytes_out
+        rec.seconds = round(item.seconds, 4)
+        return rec, None
+    rec = _base_record(item, "skipped" if item.passthrough is not None else "protected")
+    try:
+        if item.passthrough is not None:
+            payload = item.passthrough
+        else:
+            assert item.decoded is not None and protected is not None
+            payload = encode_image(item.decoded, protected, options)
+            rec.linf, rec.psnr = fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
+        rec.bytes_out, rec.sha256_out = len(payload), hashlib.sha256(payload).hexdigest()
+        if not sink.ordered:
+            rec.output = sink.write(item.sample, payload)
+            payload = None
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
+        rec.status, rec.error, payload = "failed", f"cannot write output: {exc}", None
+        rec.linf = rec.psnr = rec.bytes_out = rec.sha256_out = None
+    rec.seconds = round(item.seconds + t_engine + time.perf_counter() - t0, 4)
+    if rec.linf is not None:
+        rec.linf = round(rec.linf, 4)
+        rec.psnr = None if rec.psnr is None else round(rec.psnr, 3)
+    return rec, payload
+
+
+class InlineExecutor(Executor):
+    """--workers 0: decode in the calling process (debugging, tiny runs, environments without fork/spawn)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001
+            fut.set_exception(exc)
+        return fut
+
+
+def _done(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+class DecodePool:
+    """Decode workers that survive a crashing decoder.
+
+    A malformed file can kill a worker process (a native decoder bug); the pool then breaks and
+    every pending future fails. The in-flight samples are resubmitted to a fresh pool, the first
+    one alone: if it breaks that pool too, it is the culprit and fails with a clear error.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool = self._new()
+
+    def _new(self) -> Executor:
+        if self.workers <= 0:
+            return InlineExecutor()
+        # spawn, not fork: the main process runs torch threads, and forking those can deadlock.
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, *args) -> Future:
+        return self.pool.submit(prepare, *args)
+
+    def restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._new()
+
+    def result(self, fut: Future, args: tuple) -> Prepared:
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            self.restart()
+            try:
+                return self.submit(*args).result()
+            except BrokenProcessPool:
+                self.restart()
+                return Prepared(args[0], error="the decoder process crashed on this file (corrupt or hostile data)")
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepared_in_order(
+    samples: Iterable[Sample],
+    pool: DecodePool,
+    window: int,
+    resume: ResumeIndex,
+    sink: Sink,
+    options: EncodeOptions,
+    guard: Callable[[Sample], str | None] | None,
+) -> Iterator[Prepared]:
+    """Submit decodes lazily, at most `window` in flight, and yield results in input order."""
+    inflight: deque[tuple[tuple, Future]] = deque()
+    seen: dict[str, str] = {}
+
+    def pop() -> Prepared:
+        args, fut = inflight.popleft()
+        generation = pool.pool
+        result = pool.result(fut, args)
+        if pool.pool is not generation:  # the pool was replaced: everything still in flight was lost
+            for i, (a, f) in enumerate(inflight):
+                inflight[i] = (a, pool.submit(*a) if a else f)  # refusals () were never in the pool
+        return result
+
+    for sample in samples:
+        if not sample.passthrough:  # --format renames images only; a tar's .cls/.json keep their names
+            sample = replace(sample, rel_out=output_name(sample.rel_out, options))
+        refusal = guard(sample) if guard else None
+        if refusal is None and sample.rel_out in seen:
+            refusal = f"output {sample.rel_out} collides with the output of {seen[sample.rel_out]}"
+        if refusal is not None:
+            inflight.append(((), _done(Prepared(sample, error=refusal))))
+        else:
+            seen[sample.rel_out] = sample.id
+            args = (sample, resume.lookup(sample.rel_out, sink.exists), options)
+            if sample.passthrough and sample.data is not None:  # in-memory tar member, nothing to decode: no IPC
+                inflight.append(((), _done(prepare(*args))))
+            else:
+                inflight.append((args, pool.submit(*args)))
+        while len(inflight) >= window:
+            yield pop()
+    while inflight:
+        yield pop()
+
+
+def _chunks(items: Iterator[Prepared], size: int, max_pixels: int = CHUNK_PIXELS) -> Iterator[list[Prepared]]:
+    """Groups of at most `size` items and about `max_pixels` decoded pixels (big photos: small chunks)."""
+    chunk: list[Prepared] = []
+    pixels = 0
+    for item in items:
+        chunk.append(item)
+        pixels += item.decoded.pixels.size if item.decoded is not None else 0
+        if len(chunk) >= size or pixels >= max_pixels:
+            yield chunk
+            chunk, pixels = [], 0
+    if chunk:
+        yield chunk
+
+
+def protect_stream(
+    samples: Iterable[Sample],
+    sink: Sink,
+    engine: ProtectEngine,
+    options: EncodeOptions,
+    on_record: Callable[[ManifestRecord], None],
+    workers: int = 0,
+    resume: ResumeIndex | None = None,
+    guard: Callable[[Sample], str | None] | None = None,
+) -> None:
+    """Run every sample through decode -> engine -> encode -> sink; `on_record` gets records in input order."""
+    resume = resume or ResumeIndex()
+    settings = run_settings(engine, options)
+    threads = max(1, workers)
+    batch = engine.cfg.batch_size
+    chunk_size = batch * CHUNK_BATCHES
+    pending: deque[tuple[Sample, Future]] = deque()
+
+    def drain(limit: int) -> None:
+        """Emit finished records in input order; block only while more than `limit` are queued."""
+        while pending and (len(pending) > limit or pending[0][1].done()):
+            sample, fut = pending.popleft()
+            rec, payload = fut.result()
+            if payload is not None:  # ordered sink: written here, in input order
+                try:
+                    rec.output = sink.write(sample, payload)
+                except OSError as exc:
+                    rec.status, rec.error = "failed", f"cannot write output: {exc}"
+            rec.settings = settings
+            on_record(rec)
+
+    pool = DecodePool(workers)
+    encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cgan-encode")
+    try:
+        stream = _prepared_in_order(samples, pool, max(2 * threads, batch), resume, sink, options, guard)
+        for chunk in _chunks(stream, chunk_size):
+            todo = [item for item in chunk if item.decoded is not None and item.skip is None and item.error is None]
+            t0 = time.perf_counter()
+            protected = engine.protect_batch([item.decoded.pixels for item in todo]) if todo else []  # type: ignore[union-attr]
+            share = (time.perf_counter() - t0) / max(1, len(todo))
+            by_item = {id(item): arr for item, arr in zip(todo, protected)}
+            for item in chunk:
+                arr = by_item.get(id(item))
+                pending.append((item.sample, encoders.submit(finish, item, arr, options, sink, share if arr is not None else 0.0)))
+                drain(len(chunk))  # one chunk may encode while the engine computes the next
+        drain(0)
+    finally:
+        encoders.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
+    sink.close()
+
+
+def run_settings(engine: ProtectEngine, options: EncodeOptions) -> str:
+    """The manifest `settings` fingerprint of a run (see manifest.settings_key)."""
+    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality)
+
+
+def _folder_guard(out: Path) -> Callable[[Sample], str | None]:
+    out_r = out.resolve()
+
+    def guard(sample: Sample) -> str | None:
+        if sample.path is not None:
+            src = Path(sample.path).resolve()
+            if src == out_r or out_r in src.parents:
+                return f"source lies inside --out {out}; refusing to read outputs as inputs"
+        return None
+
+    return guard
+
+
+def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> RunSummary:
+    """List what a run would do (protect / skip) without decoding or writing anything."""
+    cfg = cfg.checked()
+    validate_inputs(list(cfg.inputs), cfg.out)
+    assert cfg.weights is not None
+    meta = read_meta(cfg.weights)
+    epsilon = float(cfg.epsilon if cfg.epsilon is not None else meta.epsilon)
+    weights = {"path": str(cfg.weights), "sha256": file_sha256(cfg.weights), "metadata": asdict(meta)}
+    summary = _summary(cfg, weights, epsilon, cfg.device, cfg.precision, meta.working_size)
+    summary.dry_run = True
+    options = cfg.encode_options()
+    settings = settings_key(weights["sha256"], epsilon, cfg.full_res, cfg.format, cfg.quality)
+    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings)
+    for sample in iter_samples(list(cfg.inputs), sys.stdin):
+        rel = output_name(sample.rel_out, options)
+        done = resume.lookup(rel, lambda r: (cfg.out / r).is_file())
+        skip = done is not None and hashlib.sha256(sample.read()).hexdigest() == done.sha256_in
+        status = "skipped" if skip else "protected"
+        summary.add(status)
+        emit(f"{'skip' if skip else 'protect'}\t{sample.id}\t{cfg.out / rel}")
+    return summary
+
+
+def _summary(cfg: ProtectConfig, weights: dict, epsilon: float, device: str, precision: str, working_size: int) -> RunSummary:
+    return RunSummary(
+        cgan_version=__version__, weights=weights, epsilon=float(epsilon), device=device, precision=precision,
+        working_size=working_size, full_res=cfg.full_res, out=str(cfg.out), seed=cfg.seed,
+    )
+
+
+def run_protect(cfg: ProtectConfig, on_record: Callable[[ManifestRecord], None] | None = None) -> RunSummary:
+    """Protect every input into cfg.out; returns the summary also written to summary.json.
+
+    Raises UsageError / EngineError / WeightsError before anything is written when the command
+    line cannot run. Per-file problems never raise: they become failed records.
+    """
+    cfg = cfg.checked()
+    validate_inputs(list(cfg.inputs), cfg.out)
+    engine = ProtectEngine(cfg.engine_config())
+    summary = _summary(cfg, engine.describe(), engine.epsilon, str(engine.device), engine.precision, engine.meta.working_size)
+    sink = FolderSink(cfg.out)
+    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, run_settings(engine, cfg.encode_options()))
+    writer = ManifestWriter(cfg.out / MANIFEST_NAME)
+    t0 = time.perf_counter()
+
+    def record(rec: ManifestRecord) -> None:
+        writer.write(rec)
+        summary.add(rec.status)
+        if on_record:
+            on_record(rec)
+
+    try:
+        protect_stream(iter_samples(list(cfg.inputs), sys.stdin), sink, engine, cfg.encode_options(), record,
+                       cfg.workers, resume, _folder_guard(cfg.out))
+    finally:
+        writer.close()
+    summary.wall_seconds = round(time.perf_counter() - t0, 3)
+    summary.images_per_second = round(summary.counts["protected"] / max(summary.wall_seconds, 1e-9), 3)
+    write_summary(cfg.out / SUMMARY_NAME, summary)
+    return summary
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} img/s" if speed else "-- img/s")
+
+
+def _progress() -> Progress:
+    columns = [TextColumn("[bold]protect"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=Console(stderr=True), transient=False)
+
+
+def _report_failure(console: Console, rec: ManifestRecord) -> None:
+    if rec.status == "failed":
+        console.print(Text.assemble(("failed ", "red"), f"{rec.source}: {rec.error}"))
+
+
+def run_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
+    """What `cgan protect` does after parsing: run, report, and return the exit code (0 / 1 / 2).
+
+    A progress bar (images/s, ETA) only on a terminal; with --json one JSON line on stdout; failed
+    files are always listed on stderr; otherwise quiet when stdout is not a terminal.
+    """
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    tty = sys.stdout.isatty() and not json_out
+    try:
+        if cfg.dry_run:
+            summary = dry_run(cfg, emit=(lambda line: None) if json_out else print)
+        elif tty:
+            with _progress() as bar:
+                task = bar.add_task("protect", total=count_samples(list(cfg.inputs)))
+
+                def show(rec: ManifestRecord) -> None:
+                    bar.advance(task)
+                    _report_failure(bar.console, rec)
+
+                summary = run_protect(cfg, on_record=show)
+        else:
+            summary = run_protect(cfg, on_record=lambda rec: _report_failure(err, rec))
+    except (UsageError, EngineError, WeightsError) as exc:
+        err.print(f"cgan protect: error: {exc}", markup=False)
+        return 2
+    if json_out:
+        print(json.dumps(asdict(summary), separators=(",", ":")))
+    elif tty:
+        c = summary.counts
+        verb = "would protect" if summary.dry_run else "protected"
+        print(f"{verb} {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out}"
+              + ("" if summary.dry_run else f" ({summary.images_per_second:.1f} img/s)"))
+    return summary.exit_code

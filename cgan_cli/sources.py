@@ -1,0 +1,153 @@
+"""Sources: turn the user's SRC arguments into a lazy, deterministically ordered stream of `Sample`s.
+
+A `Sample` is everything the pipeline needs to know about one input *before* reading it: where its
+bytes come from (a file `path` read inside a decode worker, or `data` already in memory, as a
+WebDataset member is), where its output goes (`rel_out`, relative to the sink's root) and whether it
+is an image at all (`passthrough` members are copied byte-identical). Other sources (tar shards)
+only have to yield `Sample`s; the engine and sinks never look at where a sample came from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TextIO
+
+
+STDIN = "-"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # what a folder walk picks up
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run as given (exit code 2); nothing has been written."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input of a protect run.
+
+    id: what the manifest calls the source: a file path, or "shard.tar/key.ext" for a tar member.
+    rel_out: POSIX path of the output relative to the sink root (a folder, or a tar's key space).
+    path / data: exactly one is set; `path` is read in the decode worker, `data` is the bytes.
+    passthrough: not an image (e.g. a tar's .json/.cls member): copied byte-identical, never decoded.
+    """
+
+    id: str
+    rel_out: str
+    path: Path | None = None
+    data: bytes | None = None
+    passthrough: bool = False
+
+    def read(self) -> bytes:
+        """The input's bytes (called in a decode worker, so file reads overlap with compute)."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None, "a Sample needs a path or data"
+        return Path(self.path).read_bytes()
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_out_not_inside(inputs: Iterable[str], out: Path) -> None:
+    """Refuse an --out that is, contains, or lies inside an input (folder or file).
+
+    Writing protected copies into the tree being read would make later runs protect their own
+    output and could replace originals; the check runs before anything is read or written.
+    Paths read from stdin are checked one by one as they arrive (they fail, the run goes on).
+    """
+    out_r = Path(out).resolve()
+    for src in inputs:
+        if src == STDIN:
+            continue
+        src_r = Path(src).resolve()
+        if src_r.is_dir() and _is_within(out_r, src_r):
+            raise UsageError(f"--out {out} is inside input folder {src}; choose an output folder outside the inputs")
+        if src_r.is_dir() and _is_within(src_r, out_r):
+            raise UsageError(f"input folder {src} lies inside --out {out}; its outputs could replace files there")
+        if src_r.is_file() and (out_r == src_r or _is_within(src_r, out_r)):
+            raise UsageError(f"input file {src} lies inside --out {out}; its output could replace it")
+
+
+def _walk_sorted(root: Path) -> Iterator[Path]:
+    """Image files under `root`, recursively, in sorted order, one directory listing at a time."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # hidden files and our own temp files (".name.*.cgan.tmp")
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_sorted(Path(entry.path))
+        elif entry.is_file() and is_image_name(entry.name):
+            yield Path(entry.path)
+
+
+def folder_samples(root: Path) -> Iterator[Sample]:
+    """Every image under a folder; outputs mirror the tree relative to that folder."""
+    root = Path(root)
+    for path in _walk_sorted(root):
+        yield Sample(id=str(path), rel_out=path.relative_to(root).as_posix(), path=path)
+
+
+def file_sample(path: Path) -> Sample:
+    """A file named on the command line is always attempted (a non-image fails with a clear error)."""
+    return Sample(id=str(path), rel_out=Path(path).name, path=Path(path))
+
+
+def _stdin_rel(path: Path) -> str:
+    """A listed path keeps its tree: relative to the cwd when below it, else its path minus the root."""
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    absolute = Path(os.path.normpath(absolute))
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return PurePosixPath(*absolute.parts[1:]).as_posix()
+
+
+def stdin_samples(stream: TextIO) -> Iterator[Sample]:
+    """Newline-separated paths (as `find` prints them), in the order given; blank lines ignored."""
+    for line in stream:
+        name = line.rstrip("\r\n")
+        if name:
+            path = Path(name)
+            yield Sample(id=name, rel_out=_stdin_rel(path), path=path)
+
+
+def iter_samples(inputs: list[str], stdin: TextIO | None = None) -> Iterator[Sample]:
+    """Expand SRC arguments (folders, files, `-`) lazily, in argument order."""
+    for src in inputs:
+        if src == STDIN:
+            yield from stdin_samples(stdin or sys.stdin)
+        elif Path(src).is_dir():
+            yield from folder_samples(Path(src))
+        else:
+            yield file_sample(Path(src))
+
+
+def validate_inputs(inputs: list[str], out: Path) -> None:
+    """Usage errors found before any work: missing inputs, `-` twice, --out inside an input."""
+    if not inputs:
+        raise UsageError("give at least one SRC: a folder, an image file, or - to read paths from stdin")
+    if inputs.count(STDIN) > 1:
+        raise UsageError("- (paths on stdin) can be given only once")
+    missing = [s for s in inputs if s != STDIN and not Path(s).exists()]
+    if missing:
+        raise UsageError(f"input not found: {', '.join(missing)}")
+    check_out_not_inside(inputs, out)
+
+
+def count_samples(inputs: list[str]) -> int | None:
+    """How many samples `iter_samples` will yield (for the progress ETA); None when stdin is read."""
+    if STDIN in inputs:
+        return None
+    return sum(sum(1 for _ in _walk_sorted(Path(s))) if Path(s).is_dir() else 1 for s in inputs)

@@ -1,0 +1,382 @@
+"""`cgan train`: fit a confounder generator on labeled images, readable top to bottom.
+
+The objective (docs/method.md has the measurements that chose it) runs in two stages:
+
+1. *codes*: the generator's encoder learns to tell the classes apart (cross-entropy on the labels).
+   At protect time the label is never an input, so the noise can only predict the label if the
+   generator infers it from the image; it is trained on the very images it will protect.
+2. *confounder*: with the encoder frozen, the per-class tiles and the local head learn noise that is
+   as *learnable* as possible after the victim's pipeline (clamp to [0, 1], 8-bit rounding, random
+   crop + flip):
+   - N->Y: a noise-only classifier must read the label from the noise that survives clamping;
+   - min-min: a surrogate trained on the protected images must fit them fast; it is re-initialised
+     every `reset_every` steps, since a victim also starts from scratch;
+   - a hinge GAN term with a small weight (discriminator: clean vs protected) for imperceptibility.
+   The L-inf budget needs no penalty: noise = epsilon * tanh(...) holds it by construction.
+
+Data flows source (data.load_labeled) -> this engine -> sink (weights.save_generator, checkpoints,
+sample PNGs, metrics JSON). Checkpoints are safetensors: optimizer state is flattened into tensors
+and step counters go into the JSON metadata, so no pickle is ever read or written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from cgan_cli import __version__
+from cgan_cli.data import LabeledImages, load_labeled
+from cgan_cli.models import ConfounderGenerator, Discriminator, SmallCNN
+from cgan_cli.victims import crop_flip
+from cgan_cli.weights import META_KEY, WeightsMeta, save_generator, save_tensors_atomic
+
+OBJECTIVE = "staged: codes CE -> tiles by N->Y + min-min (surrogate reset) + hinge GAN, aug in loop"
+CKPT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: Path
+    epochs: int = 1  # confounder-stage epochs over the data
+    code_epochs: int = 2  # classifier-stage epochs (encoder learns to infer the label)
+    batch_size: int = 128
+    lr_g: float = 0.01  # Adam, confounder stage (tiles + local head)
+    lr_code: float = 2e-3  # Adam, classifier stage (encoder + code head)
+    lr_d: float = 2e-4  # Adam, discriminator and noise classifier
+    lr_surrogate: float = 0.05  # SGD momentum, min-min surrogate
+    w_ny: float = 1.0  # noise-only classifier loss weight (N->Y)
+    w_minmin: float = 1.0  # surrogate cross-entropy on protected images
+    w_adv: float = 0.05  # hinge GAN generator loss
+    reset_every: int = 200  # surrogate re-initialisation period, in steps
+    augment: bool = True  # crop + flip (the victim's augmentation) inside the loop
+    epsilon: float = 8.0  # L-inf budget in /255 units
+    size: int = 64  # working resolution for folder datasets (built-in sets keep their own)
+    width: int = 32
+    tile: int = 4
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
+    seed: int = 0
+    resume: Path | None = None
+    checkpoint_every: int = 500  # steps; 0 = no checkpoints
+    sample_every: int = 0  # steps; 0 = no sample grids
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def quantize_ste(x: torch.Tensor) -> torch.Tensor:
+    """clamp + 8-bit rounding, with a straight-through gradient: what the victim's files hold."""
+    x = x.clamp(0.0, 1.0)
+    return x + (torch.round(x * 255.0) / 255.0 - x).detach()
+
+
+def sibling(out: Path, suffix: str) -> Path:
+    """weights/NAME.safetensors -> weights/NAME<suffix> (metrics, checkpoint, samples)."""
+    return out.with_name(out.name.removesuffix(".safetensors") + suffix)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of an epoch depends only on (seed, epoch): a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def fresh_surrogate(channels: int, num_classes: int, seed: int, device: torch.device) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmallCNN(channels, num_classes).to(device)
+
+
+def flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as plain tensors + JSON-able param groups (safetensors holds no objects)."""
+    state = opt.state_dict()
+    tensors = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"{prefix}.{idx}.{key}"] = torch.as_tensor(value).clone()
+    return tensors, state["param_groups"]
+
+
+def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            idx, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def module_from(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def sample_grid(clean: torch.Tensor, protected: torch.Tensor, epsilon: float) -> Image.Image:
+    """Rows of clean | noise amplified to full range | protected, for eyeballing a run."""
+    noise = ((protected - clean) * 255.0 / (2 * max(epsilon, 1e-6)) + 0.5).clamp(0, 1)
+    rows = torch.cat([clean, noise, protected], dim=3)  # (B, C, H, 3W)
+    grid = torch.cat(list(rows), dim=1)  # (C, B*H, 3W)
+    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Nets:
+    gen: ConfounderGenerator
+    disc: Discriminator
+    noise_clf: SmallCNN  # N->Y: reads the label from the (surviving) noise alone
+    surrogate: SmallCNN  # min-min: trained on protected images, reset periodically
+    opt_code: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    opt_n: torch.optim.Optimizer
+    opt_s: torch.optim.Optimizer
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"gen": self.gen, "disc": self.disc, "noise_clf": self.noise_clf, "surrogate": self.surrogate}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt_code": self.opt_code, "opt_g": self.opt_g, "opt_d": self.opt_d, "opt_n": self.opt_n, "opt_s": self.opt_s}
+
+
+def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.device) -> Nets:
+    torch.manual_seed(cfg.seed)
+    gen = ConfounderGenerator(channels, num_classes, cfg.width, cfg.tile).to(device)
+    with torch.no_grad():  # start the tiles saturated: full-budget +-1 patterns after tanh
+        gen.tiles.copy_(3.0 * torch.randn_like(gen.tiles).sign())
+    disc = Discriminator(channels).to(device)
+    noise_clf = SmallCNN(channels, num_classes).to(device)
+    surrogate = fresh_surrogate(channels, num_classes, cfg.seed, device)
+    code_params = [*gen.encoder.parameters(), *gen.code_head.parameters()]
+    confounder_params = [gen.tiles, *gen.local_head.parameters()]
+    return Nets(
+        gen, disc, noise_clf, surrogate,
+        opt_code=torch.optim.Adam(code_params, lr=cfg.lr_code),
+        opt_g=torch.optim.Adam(confounder_params, lr=cfg.lr_g),
+        opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999)),
+        opt_n=torch.optim.Adam(noise_clf.parameters(), lr=cfg.lr_d * 5),
+        opt_s=torch.optim.SGD(surrogate.parameters(), lr=cfg.lr_surrogate, momentum=0.9),
+    )
+
+
+def save_checkpoint(path: Path, nets: Nets, step: int, cfg: TrainConfig, aug_gen: torch.Generator) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    groups = {}
+    for name, module in nets.modules().items():
+        tensors.update(module_tensors(name, module))
+    for name, opt in nets.optimizers().items():
+        flat, groups[name] = flatten_optimizer(name, opt)
+        tensors.update(flat)
+    tensors["rng.aug"] = aug_gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": CKPT_FORMAT, "step": step, "param_groups": groups, "config": _jsonable(asdict(cfg))}
+    save_tensors_atomic(path, tensors, {"cgan-checkpoint": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, nets: Nets, aug_gen: torch.Generator, device: torch.device) -> int:
+    """Restore every network, optimizer and RNG; returns the step to continue from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("cgan-checkpoint")
+    if raw is None:
+        raise ValueError(f"{path}: not a cgan training checkpoint")
+    meta = json.loads(raw)
+    tensors = load_file(str(path), device=str(device))
+    for name, module in nets.modules().items():
+        module.load_state_dict(module_from(name, tensors))
+    for name, opt in nets.optimizers().items():
+        opt.load_state_dict(unflatten_optimizer(name, tensors, meta["param_groups"][name]))
+    aug_gen.set_state(tensors["rng.aug"].cpu())
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    return int(meta["step"])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def code_step(nets: Nets, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Stage 1: the encoder learns to infer the label (it is never given at protect time)."""
+    logits = nets.gen.code_logits(x)
+    loss = F.cross_entropy(logits, y)
+    nets.opt_code.zero_grad(set_to_none=True)
+    loss.backward()
+    nets.opt_code.step()
+    return {"code_ce": loss.item(), "code_acc": (logits.argmax(1) == y).float().mean().item()}
+
+
+def confounder_step(nets: Nets, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, aug_gen: torch.Generator) -> dict[str, float]:
+    """Stage 2: one update of D, the noise classifier, the surrogate, then the tiles + local head."""
+    eps = cfg.epsilon / 255.0
+    protected = quantize_ste(x + eps * nets.gen(x))
+    view = crop_flip(torch.cat([x, protected]), aug_gen) if cfg.augment else torch.cat([x, protected])
+    clean_v, prot_v = view.chunk(2)
+    noise_v = (prot_v - clean_v) / eps  # the noise as the victim gets it: clamped, rounded, augmented
+
+    # Discriminator (hinge): clean -> -1, protected -> +1.
+    d_loss = F.relu(1.0 + nets.disc(clean_v.detach())).mean() + F.relu(1.0 - nets.disc(prot_v.detach())).mean()
+    nets.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    nets.opt_d.step()
+    # Noise classifier and surrogate follow the current noise.
+    n_loss = F.cross_entropy(nets.noise_clf(noise_v.detach()), y)
+    nets.opt_n.zero_grad(set_to_none=True)
+    n_loss.backward()
+    nets.opt_n.step()
+    s_logits = nets.surrogate(prot_v.detach())
+    s_loss = F.cross_entropy(s_logits, y)
+    nets.opt_s.zero_grad(set_to_none=True)
+    s_loss.backward()
+    nets.opt_s.step()
+
+    # Generator: noise must be readable alone (N->Y), fast to fit on x + n (min-min), and look clean.
+    ny = F.cross_entropy(nets.noise_clf(noise_v), y)
+    mm = F.cross_entropy(nets.surrogate(prot_v), y)
+    adv = -nets.disc(prot_v).mean()
+    g_loss = cfg.w_ny * ny + cfg.w_minmin * mm + cfg.w_adv * adv
+    nets.opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    nets.opt_g.step()
+    return {
+        "d": d_loss.item(), "ny": ny.item(), "mm": mm.item(), "adv": adv.item(),
+        "sur_acc": (s_logits.argmax(1) == y).float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(nets: Nets, data: LabeledImages, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Final numbers on the training set (the images that will be protected)."""
+    nets.gen.eval()
+    correct, linf, n = 0, 0.0, len(data)
+    for i in range(0, n, 512):
+        x = data.pixels[i : i + 512].to(device).float() / 255.0
+        correct += (nets.gen.code_logits(x).argmax(1).cpu() == data.labels[i : i + 512]).sum().item()
+        linf = max(linf, (cfg.epsilon * nets.gen(x)).abs().max().item())
+    nets.gen.train()
+    return {"code_train_accuracy": correct / max(1, n), "noise_linf_255": linf}
+
+
+def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
+    """The whole run: load data, build nets, (resume), two stages of steps, write weights + metrics.
+
+    `data` overrides `cfg.data` (benchmarks pass a fixed subset); its name still goes into metadata.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    data = data if data is not None else load_labeled(cfg.data, split="train", size=cfg.size)
+    channels, num_classes, side = data.channels, len(data.class_names), data.size
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    code_steps, total_steps = cfg.code_epochs * steps_per_epoch, (cfg.code_epochs + cfg.epochs) * steps_per_epoch
+
+    nets = build_nets(cfg, channels, num_classes, device)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step = load_checkpoint(Path(cfg.resume), nets, aug_gen, device) if cfg.resume else 0
+    ckpt_path = sibling(out, ".ckpt.safetensors")
+    amp = autocast_for(device, cfg.precision)
+    sample_x = data.pixels[:8].float().div(255.0).to(device)
+
+    start, logs = time.perf_counter(), {}
+    with Progress(
+        TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"), disable=not cfg.progress, transient=False,
+    ) as bar:
+        task = bar.add_task("train", total=total_steps, completed=step, stage="", losses="")
+        while step < total_steps:
+            epoch, pos = divmod(step, steps_per_epoch)
+            idx = epoch_order(len(data), cfg.seed, epoch)[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+            x = data.pixels[idx].to(device).float().div_(255.0)
+            y = data.labels[idx].to(device)
+            with amp:
+                if step < code_steps:
+                    logs = code_step(nets, x, y)
+                else:
+                    nets.gen.encoder.requires_grad_(False)  # codes are fixed in the confounder stage
+                    nets.gen.code_head.requires_grad_(False)
+                    if (step - code_steps) % cfg.reset_every == 0:
+                        nets.surrogate.load_state_dict(fresh_surrogate(channels, num_classes, cfg.seed + step, device).state_dict())
+                        nets.opt_s.state.clear()
+                    logs = confounder_step(nets, cfg, x, y, aug_gen)
+            step += 1
+            stage = "codes" if step <= code_steps else "confounder"
+            bar.update(task, completed=step, stage=stage, losses=" ".join(f"{k} {v:.3f}" for k, v in logs.items()))
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                save_checkpoint(ckpt_path, nets, step, cfg, aug_gen)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                write_sample(nets.gen, sample_x, cfg.epsilon, sibling(out, ".samples") / f"step{step:07d}.png")
+
+    seconds = time.perf_counter() - start
+    metrics = {"steps": step, "seconds": round(seconds, 1), "last": logs, **evaluate(nets, data, cfg, device)}
+    meta = WeightsMeta(
+        arch=nets.gen.arch, arch_params=nets.gen.arch_params(), epsilon=cfg.epsilon, working_size=side,
+        channels=channels, num_classes=num_classes, class_names=list(data.class_names),
+        recipe={"objective": OBJECTIVE, **_jsonable({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "progress", "command", "data")})},
+        dataset={"name": data.name or cfg.data, "size": len(data), "fingerprint": data.fingerprint()},
+        seed=cfg.seed, command=cfg.command or shlex.join(sys.argv), code_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    save_generator(out, nets.gen.cpu().eval(), meta)
+    sibling(out, ".metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return TrainResult(out, step, seconds, metrics)
+
+
+@torch.no_grad()
+def write_sample(gen: nn.Module, x: torch.Tensor, epsilon: float, path: Path) -> None:
+    gen.eval()
+    protected = torch.round((x + epsilon / 255.0 * gen(x)).clamp(0, 1) * 255.0) / 255.0
+    gen.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(x, protected, epsilon).save(path)

@@ -1,0 +1,454 @@
+"""`cgan verify`: does protection actually make the data unlearnable? Train fresh victims and see.
+
+source -> engine -> sink:
+- source: a clean training set, a clean test set, and one or more *methods*, each a protected copy
+  of the same training set with identical labels and order (a protected folder matched to the clean
+  one by relative path, the generator applied in memory, or a baseline noise);
+- engine: for every victim arch and countermeasure, train the same recipe (same seed, same order)
+  on the clean set and on each protected set, and test all of them on the clean test set;
+- sink: a rich table, a JSON report (seeds, versions, weights sha256, config, per-epoch curves,
+  seconds) and a PNG of the per-epoch curves drawn with PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
+from rich.table import Table
+
+from cgan_cli import __version__
+from cgan_cli.baselines import BASELINES, EMConfig, build_baseline
+from cgan_cli.countermeasures import Countermeasure, parse_countermeasure
+from cgan_cli.data import LabeledImages, load_fashion_mnist, load_labeled, split_holdout
+from cgan_cli.models import protect_tensor
+from cgan_cli.victims import VICTIM_ARCHS, VictimConfig, VictimResult, train_victim
+from cgan_cli.weights import WeightsMeta, file_sha256, load_generator, read_meta
+
+
+class VerifyError(ValueError):
+    """Inputs `verify` cannot compare honestly; the message says what does not match."""
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class Method:
+    """One protected copy of the training set: same images, same labels, same order as the clean set."""
+
+    name: str  # "generator", "protected" (a given folder), or a baseline name
+    pixels: torch.Tensor  # uint8 (N, C, H, W)
+    seconds: float | None = None  # to protect the whole training set; None when it was given on disk
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    method: str
+    arch: str
+    countermeasure: str
+    clean: VictimResult
+    protected: VictimResult
+    chance: float
+
+    @property
+    def drop(self) -> float:
+        return self.clean.test_accuracy - self.protected.test_accuracy
+
+
+@dataclass
+class VerifyConfig:
+    victim: VictimConfig  # the recipe; its arch is replaced by each entry of `archs`
+    archs: list[str] = field(default_factory=lambda: ["cnn"])
+    countermeasures: list[str] = field(default_factory=lambda: ["none"])
+
+
+# ----------------------------------------------------------------------------- source
+
+
+def sample_index(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """Indices of a deterministic random `limit` of n items (order kept); None means keep everything."""
+    if limit is None or limit >= n:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:limit].sort().values
+
+
+def subsample(data: LabeledImages, limit: int | None, seed: int) -> LabeledImages:
+    index = sample_index(len(data), limit, seed)
+    return data if index is None else data.subset(index)
+
+
+def _keys(data: LabeledImages, root: Path) -> list[str]:
+    """Relative path (or shard sample key) without suffix: protect may re-encode a .jpg as .png."""
+    if len(data.paths) != len(data):
+        raise VerifyError(f"{root}: images carry no file paths, so they cannot be matched to the clean set")
+    if all("#" in p for p in data.paths):  # WebDataset samples, "<shard url>#<key>.<ext>"
+        return [str(Path(p.split("#", 1)[1]).with_suffix("")) for p in data.paths]
+    return [str(Path(p).resolve().relative_to(root.resolve()).with_suffix("")) for p in data.paths]
+
+
+def match_protected(clean: LabeledImages, protected: LabeledImages, clean_root: Path, protected_root: Path) -> torch.Tensor:
+    """Protected pixels reordered to the clean set's order; fails on any missing, extra or relabeled image."""
+    if clean.class_names != protected.class_names:
+        raise VerifyError(f"class folders differ: clean {clean.class_names} vs protected {protected.class_names}")
+    if clean.pixels.shape[1:] != protected.pixels.shape[1:]:
+        raise VerifyError(f"image shapes differ: clean {tuple(clean.pixels.shape[1:])} vs protected {tuple(protected.pixels.shape[1:])}")
+    clean_keys, prot_keys = _keys(clean, clean_root), _keys(protected, protected_root)
+    index = {k: i for i, k in enumerate(prot_keys)}
+    if len(index) != len(prot_keys):
+        raise VerifyError(f"{protected_root}: two files share a name up to the suffix; cannot match them unambiguously")
+    missing = [k for k in clean_keys if k not in index]
+    extra = sorted(set(prot_keys) - set(clean_keys))
+    if missing or extra:
+        raise VerifyError(
+            f"protected and clean trees do not hold the same images: {len(missing)} missing from {protected_root} "
+            f"(e.g. {missing[:3]}), {len(extra)} only in {protected_root} (e.g. {extra[:3]})"
+        )
+    order = torch.tensor([index[k] for k in clean_keys])
+    if not torch.equal(protected.labels[order], clean.labels):
+        raise VerifyError("matched images carry different labels")
+    return protected.pixels[order]
+
+
+def check_test_set(train: LabeledImages, test: LabeledImages) -> None:
+    if train.class_names != test.class_names:
+        raise VerifyError(f"test classes {test.class_names} differ from training classes {train.class_names}")
+    if train.pixels.shape[1:] != test.pixels.shape[1:]:
+        raise VerifyError(f"test images are {tuple(test.pixels.shape[1:])}, training images {tuple(train.pixels.shape[1:])}")
+
+
+def load_train_test(data: str, test: str | None, size: int, channels: int, holdout: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """DATA (built-in name, folder tree, or whatever `data.load_labeled` reads) and its clean test set."""
+    if test is not None:
+        train, test_set = load_labeled(data, "train", size, channels), load_labeled(test, "test", size, channels)
+    elif data == "fashion-mnist":
+        train, test_set = load_fashion_mnist("train"), load_fashion_mnist("test")
+    else:
+        train, test_set = split_holdout(load_labeled(data, "train", size, channels), holdout, seed)
+    check_test_set(train, test_set)
+    return train, test_set
+
+
+def measured_linf(clean: torch.Tensor, protected: torch.Tensor) -> int:
+    """Largest per-pixel change in /255 units: what the protection actually spent."""
+    return int((clean.int() - protected.int()).abs().max().item()) if len(clean) else 0
+
+
+# ----------------------------------------------------------------------------- methods (engine, part 1)
+
+
+def protect_with_generator(generator: torch.nn.Module, meta: WeightsMeta, pixels: torch.Tensor, epsilon: float, device: str, batch_size: int = 256) -> torch.Tensor:
+    """The generator applied in memory, batch by batch, 8-bit like a written file (data at its working size)."""
+    if pixels.shape[1] != meta.channels:
+        raise VerifyError(f"weights expect {meta.channels}-channel images, the data has {pixels.shape[1]} channel(s)")
+    if pixels.shape[-1] != meta.working_size:
+        raise VerifyError(f"weights work at {meta.working_size} px, the data is {pixels.shape[-1]} px; load it with --size {meta.working_size}")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch_size):
+            x = pixels[i : i + batch_size].to(device).float() / 255.0
+            out.append(torch.round(protect_tensor(generator, x, epsilon) * 255.0).to(torch.uint8).cpu())
+    return torch.cat(out) if out else pixels.clone()
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def generator_method(weights: Path, train: LabeledImages, epsilon: float, device: str) -> tuple[Method, dict[str, Any]]:
+    """Protect the training set with a weights file; returns the method and the weights record for the report."""
+    generator, meta = load_generator(weights, device)
+    pixels, seconds = timed(protect_with_generator, generator, meta, train.pixels, epsilon, device)
+    record = {"path": str(weights), "sha256": file_sha256(weights), "arch": meta.arch, "trained_epsilon": meta.epsilon,
+              "working_size": meta.working_size, "channels": meta.channels, "dataset": meta.dataset}
+    return Method("generator", pixels, seconds, {"epsilon": epsilon}), record
+
+
+def baseline_method(name: str, train: LabeledImages, epsilon: float, seed: int, em: EMConfig, device: str) -> Method:
+    (pixels, details), seconds = timed(
+        build_baseline, name, train.pixels, train.labels, len(train.class_names), epsilon, seed, em, device
+    )
+    return Method(name, pixels, seconds, {"epsilon": epsilon, **details})
+
+
+# ----------------------------------------------------------------------------- victims (engine, part 2)
+
+
+def chance_level(test: LabeledImages) -> float:
+    """Accuracy of always answering the most common test class (1/K on a balanced test set)."""
+    counts = torch.bincount(test.labels, minlength=len(test.class_names))
+    return counts.max().item() / max(1, len(test))
+
+
+def run_victims(
+    clean: LabeledImages,
+    test: LabeledImages,
+    methods: list[Method],
+    cfg: VerifyConfig,
+    on_row=None,
+) -> list[Row]:
+    """One row per (method, arch, countermeasure); the clean-trained run is shared by all methods.
+
+    Every run of one (arch, countermeasure) starts from the same seed and sees the same batch order
+    and augmentation, so the only difference between clean and protected runs is the noise.
+    """
+    num_classes, chance = len(clean.class_names), chance_level(test)
+    test_x = test.floats()
+    cms: list[Countermeasure] = [parse_countermeasure(s) for s in cfg.countermeasures]
+    rows = []
+    for arch in cfg.archs:
+        victim = VictimConfig(**{**asdict(cfg.victim), "arch": arch})
+        for cm in cms:
+
+            def train(pixels: torch.Tensor) -> VictimResult:
+                x = cm.apply(pixels).float().div_(255.0)
+                return train_victim(x, clean.labels, test_x, test.labels, num_classes, victim, cm.hook(victim.seed, num_classes))
+
+            clean_result = train(clean.pixels)
+            for method in methods:
+                row = Row(method.name, arch, cm.spec, clean_result, train(method.pixels), chance)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- sinks
+
+
+def results_table(rows: list[Row]) -> Table:
+    table = Table(title="cgan verify", caption="accuracy of each victim on the clean test set; drop = clean-trained - protected-trained")
+    for col in ("method", "victim", "counter-\nmeasure", "clean-\ntrained", "protected-\ntrained", "drop", "chance"):
+        table.add_column(col, justify="left" if col in ("method", "victim", "counter-\nmeasure") else "right", overflow="fold")
+    for r in rows:
+        table.add_row(r.method, r.arch, r.countermeasure, f"{r.clean.test_accuracy:.1%}", f"{r.protected.test_accuracy:.1%}",
+                      f"{100 * r.drop:+.1f} pt", f"{r.chance:.1%}")
+    return table
+
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75), (227, 119, 194)]
+
+
+def plot_curves(rows: list[Row], path: Path, panel: tuple[int, int] = (360, 260)) -> None:
+    """Per-epoch clean-test accuracy: one panel per (victim, countermeasure), clean-trained in black."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.arch, r.countermeasure), []).append(r)
+    methods = list(dict.fromkeys(r.method for r in rows))
+    cols = min(3, max(1, len(groups)))
+    nrows = -(-max(1, len(groups)) // cols)
+    pw, ph = panel
+    legend_h = 18 * (len(methods) + 1) + 10
+    img = Image.new("RGB", (cols * pw, nrows * ph + legend_h), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    for g, ((arch, cm), group) in enumerate(groups.items()):
+        ox, oy = (g % cols) * pw, (g // cols) * ph
+        left, top, right, bottom = ox + 40, oy + 22, ox + pw - 12, oy + ph - 28
+        draw.text((ox + 40, oy + 5), f"{arch} / {cm}", fill="black", font=font)
+        draw.rectangle((left, top, right, bottom), outline="black")
+        for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = bottom - tick * (bottom - top)
+            draw.line((left - 4, y, left, y), fill="black")
+            draw.text((ox + 6, y - 6), f"{tick:.2f}", fill="black", font=font)
+        epochs = max(len(group[0].clean.epoch_accuracy), 1)
+        draw.text((left, bottom + 8), f"epoch 1..{epochs}", fill="black", font=font)
+
+        def xy(curve: list[float]) -> list[tuple[float, float]]:
+            step = (right - left) / max(1, epochs - 1)
+            return [(left + i * step, bottom - a * (bottom - top)) for i, a in enumerate(curve)]
+
+        chance_y = bottom - group[0].chance * (bottom - top)
+        for x0 in range(left, right, 8):  # dashed chance line
+            draw.line((x0, chance_y, min(x0 + 4, right), chance_y), fill=(150, 150, 150))
+        series = [((0, 0, 0), group[0].clean.epoch_accuracy)]
+        series += [(PALETTE[methods.index(r.method) % len(PALETTE)], r.protected.epoch_accuracy) for r in group]
+        for color, curve in series:
+            points = xy(curve)
+            if len(points) > 1:
+                draw.line(points, fill=color, width=2)
+            for px, py in points:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+    ly = nrows * ph + 6
+    entries = [((0, 0, 0), "clean-trained"), *[(PALETTE[i % len(PALETTE)], f"trained on {m}") for i, m in enumerate(methods)]]
+    for i, (color, label) in enumerate(entries):
+        draw.line((12, ly + 18 * i + 6, 40, ly + 18 * i + 6), fill=color, width=3)
+        draw.text((48, ly + 18 * i), label, fill="black", font=font)
+    draw.text((cols * pw - 150, ly), "gray dashes: chance", fill=(110, 110, 110), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_report(
+    rows: list[Row],
+    methods: list[Method],
+    clean: LabeledImages,
+    test: LabeledImages,
+    cfg: VerifyConfig,
+    inputs: dict[str, Any],
+    weights: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """Everything needed to reproduce and audit the run."""
+    return {
+        "cgan_version": __version__,
+        "torch_version": torch.__version__,
+        "command": " ".join(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "seed": cfg.victim.seed,
+        "config": {"victim": asdict(cfg.victim), "archs": cfg.archs, "countermeasures": cfg.countermeasures, **inputs},
+        "weights": weights,
+        "data": {
+            "train": {"name": clean.name, "images": len(clean), "fingerprint": clean.fingerprint(), "classes": clean.class_names},
+            "test": {"name": test.name, "images": len(test), "fingerprint": test.fingerprint()},
+        },
+        "methods": [
+            {"method": m.name, "seconds_to_protect": m.seconds, "images": len(m.pixels),
+             "measured_linf": measured_linf(clean.pixels, m.pixels), **m.details}
+            for m in methods
+        ],
+        "rows": [
+            {"method": r.method, "arch": r.arch, "countermeasure": r.countermeasure, "chance": r.chance,
+             "clean_trained_accuracy": r.clean.test_accuracy, "protected_trained_accuracy": r.protected.test_accuracy,
+             "drop": r.drop, "clean_trained_curve": r.clean.epoch_accuracy, "protected_trained_curve": r.protected.epoch_accuracy,
+             "clean_trained_train_accuracy": r.clean.train_accuracy, "protected_trained_train_accuracy": r.protected.train_accuracy,
+             "clean_trained_seconds": r.clean.seconds, "protected_trained_seconds": r.protected.seconds}
+            for r in rows
+        ],
+        "seconds": seconds,
+    }
+
+
+# ----------------------------------------------------------------------------- the whole command
+
+
+@dataclass
+class VerifyRequest:
+    """What the command line asked for, already parsed (cli.py only fills this in)."""
+
+    data: str | None = None
+    protected: Path | None = None
+    clean: Path | None = None
+    test: Path | None = None
+    weights: Path | None = None
+    epsilon: float | None = None
+    baselines: list[str] = field(default_factory=list)
+    size: int | None = None
+    channels: int | None = None
+    holdout: float = 0.2
+    limit: int | None = None
+    test_limit: int | None = None
+    report: Path | None = None
+    em: EMConfig = field(default_factory=EMConfig)
+    cfg: VerifyConfig = field(default_factory=lambda: VerifyConfig(VictimConfig()))
+
+
+def default_report_path(req: VerifyRequest) -> Path:
+    """Next to the protected tree when there is one, else runs/verify/<data>-report.json."""
+    if req.protected is not None:
+        return Path(req.protected).resolve().parent / "verify-report.json"
+    name = Path(str(req.data)).name or "data"
+    return Path("runs") / "verify" / f"{name}-report.json"
+
+
+def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, list[Method], dict[str, Any] | None, float | None]:
+    """Load data, validate the combination of options, and build every method's protected set."""
+    seed, device = req.cfg.victim.seed, req.cfg.victim.device
+    meta = read_meta(req.weights) if req.weights is not None else None  # early: sizes, channels, epsilon
+    size = req.size or (meta.working_size if meta else 32)
+    channels = req.channels or (meta.channels if meta else 3)
+    methods: list[Method] = []
+    if req.protected is not None or req.clean is not None:
+        if req.protected is None or req.clean is None or req.test is None or req.data is not None:
+            raise VerifyError("folder mode needs all of --protected DIR --clean DIR --test DIR, and no DATA argument")
+        if req.weights is not None:
+            raise VerifyError("--weights protects DATA on the fly; in folder mode the protected tree is given")
+        clean = load_labeled(str(req.clean), "train", size, channels)
+        protected = load_labeled(str(req.protected), "train", size, channels)
+        test = load_labeled(str(req.test), "test", size, channels)
+        check_test_set(clean, test)
+        protected_pixels = match_protected(clean, protected, Path(req.clean), Path(req.protected))
+        index = sample_index(len(clean), req.limit, seed)
+        if index is not None:
+            clean, protected_pixels = clean.subset(index), protected_pixels[index]
+        methods.append(Method("protected", protected_pixels, None, {"path": str(req.protected)}))
+    elif req.data is not None:
+        if req.weights is None and not req.baselines:
+            raise VerifyError("nothing to verify: give --weights FILE and/or --baseline random|classwise|em")
+        clean, test = load_train_test(req.data, str(req.test) if req.test else None, size, channels, req.holdout, seed)
+        clean = subsample(clean, req.limit, seed)
+    else:
+        raise VerifyError("give DATA (e.g. fashion-mnist) with --weights, or --protected DIR --clean DIR --test DIR")
+    test = subsample(test, req.test_limit, seed)
+    epsilon = req.epsilon
+    if epsilon is None and meta is not None:
+        epsilon = meta.epsilon
+    if epsilon is None and methods:
+        epsilon = float(measured_linf(clean.pixels, methods[0].pixels))  # baselines spend what protect spent
+    weights_record = None
+    if req.weights is not None:
+        method, weights_record = generator_method(req.weights, clean, epsilon, device)
+        methods.append(method)
+    if req.baselines and epsilon is None:
+        raise VerifyError("--baseline needs --epsilon (in /255 units)")
+    for name in dict.fromkeys(req.baselines):
+        methods.append(baseline_method(name, clean, epsilon, seed, req.em, device))
+    return clean, test, methods, weights_record, epsilon
+
+
+def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row], dict[str, Any], Path, Path]:
+    """Run the whole check; returns rows, the report dict, and where report and plot were written."""
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    for cm in req.cfg.countermeasures:  # fail on a typo before minutes of EM or training
+        parse_countermeasure(cm)
+    for name, valid in [*((a, VICTIM_ARCHS) for a in req.cfg.archs), *((b, BASELINES) for b in req.baselines)]:
+        if name not in valid:
+            raise VerifyError(f"unknown choice {name!r}; valid: {', '.join(valid)}")
+    clean, test, methods, weights_record, epsilon = _resolve_inputs(req)
+    for m in methods:
+        took = "given on disk" if m.seconds is None else f"protected in {m.seconds:.1f}s"
+        console.print(f"[dim]{m.name}: {len(m.pixels)} training images, L-inf {measured_linf(clean.pixels, m.pixels)}/255, {took}[/dim]")
+
+    def progress(row: Row) -> None:
+        console.print(f"[dim]{row.method} / {row.arch} / {row.countermeasure}: clean-trained "
+                      f"{row.clean.test_accuracy:.1%}, protected-trained {row.protected.test_accuracy:.1%}[/dim]")
+
+    rows = run_victims(clean, test, methods, req.cfg, progress)
+    inputs = {"data": req.data, "protected": str(req.protected) if req.protected else None,
+              "clean": str(req.clean) if req.clean else None, "test": str(req.test) if req.test else None,
+              "epsilon": epsilon, "baselines": req.baselines, "limit": req.limit, "test_limit": req.test_limit,
+              "holdout": req.holdout if req.data not in (None, "fashion-mnist") and req.test is None else None,
+              "em": asdict(req.em) if "em" in req.baselines else None}
+    report = build_report(rows, methods, clean, test, req.cfg, inputs, weights_record, time.perf_counter() - start)
+    report_path = Path(req.report) if req.report else default_report_path(req)
+    plot_path = report_path.with_name(report_path.stem.removesuffix("-report") + "-curves.png")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot_curves(rows, plot_path)
+    return rows, report, report_path, plot_path
+
+
+__all__ = ["Method", "Row", "VerifyConfig", "VerifyError", "VerifyRequest", "verify"]

@@ -1,0 +1,280 @@
+"""`cgan protect` end to end on real files: formats, failures, manifest, resume, kill-and-resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from cgan_cli import protect as protect_mod
+from cgan_cli.cli import app
+from cgan_cli.codec import EncodeOptions, decode_image
+from cgan_cli.engine import TILE, EngineConfig, ProtectEngine
+from cgan_cli.manifest import ManifestRecord, read_records
+from cgan_cli.protect import protect_stream
+from cgan_cli.sources import Sample
+from conftest import BAD, EPSILON, GOOD, MAKE_TAG, ORIENTATION_TAG, smooth_rgb
+
+CGAN = Path(sys.executable).with_name("cgan")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run(*args: str, stdin: str | None = None):
+    return CliRunner().invoke(app, ["protect", *args], input=stdin)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img)).astype(np.int64)
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {r["source"]: r for r in read_records(out / "manifest.jsonl")}
+
+
+def test_zoo_protects_good_fails_bad_and_never_touches_inputs(tmp_path: Path, zoo: dict[str, Path], rgb_weights: Path) -> None:
+    root, out = tmp_path / "photos", tmp_path / "out"
+    before = _tree_hashes(root)
+    res = _run(str(root), "--out", str(out), "--weights", str(rgb_weights), "--workers", "0", "--json")
+    assert res.exit_code == 1, res.output
+    assert _tree_hashes(root) == before
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["counts"] == {"protected": len(GOOD), "skipped": 0, "failed": len(BAD)}
+    recs = _records(out)
+    assert set(recs) == {str(p) for p in zoo.values()}
+    for key in GOOD:
+        rec = recs[str(zoo[key])]
+        assert rec["status"] == "protected" and rec["error"] is None, rec
+        written = out / rec["output"]
+        assert rec["sha256_out"] == _sha(written) and rec["bytes_out"] == written.stat().st_size
+        assert rec["sha256_in"] == _sha(zoo[key]) and rec["bytes_in"] == zoo[key].stat().st_size
+        assert rec["linf"] > 0 and rec["psnr"] > 25 and rec["seconds"] >= 0
+        with Image.open(zoo[key]) as src, Image.open(written) as dst:
+            assert ImageOps.exif_transpose(src).size == dst.size and src.format == dst.format
+    errors = {key: recs[str(zoo[key])]["error"] for key in BAD}
+    assert "CMYK" in errors["cmyk_jpeg"]
+    assert "16-bit-per-channel" in errors["rgb48_png"]
+    assert "truncated or corrupt" in errors["truncated_png"]
+    assert "empty file" in errors["zero_jpeg"]
+    assert "not an image" in errors["text_as_png"]
+    assert "megapixel" in errors["bomb_png"]
+    assert all(recs[str(zoo[k])]["status"] == "failed" and not (out / recs[str(zoo[k])]["output"]).exists() for k in BAD)
+    assert "failed" in res.stderr and "CMYK" in res.stderr
+
+
+def test_modes_alpha_and_exif(tmp_path: Path, zoo: dict[str, Path], rgb_weights: Path) -> None:
+    out = tmp_path / "out"
+    _run(str(tmp_path / "photos"), "--out", str(out), "--weights", str(rgb_weights), "--workers", "0")
+    rgba_in, rgba_out = Image.open(zoo["rgba_png"]), Image.open(out / "cutout.png")
+    assert rgba_out.mode == "RGBA"
+    assert np.array_equal(np.asarray(rgba_out)[..., 3], np.asarray(rgba_in)[..., 3])
+    diff = np.abs(np.asarray(rgba_out)[..., :3].astype(int) - np.asarray(rgba_in)[..., :3].astype(int))
+    assert 0 < diff.max() <= EPSILON
+    assert Image.open(out / "sub" / "gray.png").mode == "L"
+    deep_in, deep_out = Image.open(zoo["gray16_png"]), Image.open(out / "sub" / "depth16.png")
+    assert deep_out.mode == "I;16"
+    assert 0 < np.abs(np.asarray(deep_out).astype(int) - np.asarray(deep_in).astype(int)).max() <= EPSILON * 257
+    assert Image.open(out / "palette.png").mode == "RGB"  # a palette cannot carry the noise
+    rotated = Image.open(out / "rotated.jpg")
+    assert rotated.getexif()[ORIENTATION_TAG] == 1 and rotated.getexif()[MAKE_TAG] == "cgan-test-camera"
+    shown = _pixels(zoo["exif_jpeg"])
+    assert rotated.size == (shown.shape[1], shown.shape[0])
+    assert np.abs(np.asarray(rotated).astype(int) - shown).mean() < 6  # noise on the displayed image, not a rotated copy
+    big = Image.open(out / "sub" / "large.jpg")
+    assert big.size == (900, 600) and big.quantization == Image.open(zoo["large_jpeg"]).quantization
+
+
+def test_linf_within_epsilon_on_written_png(tmp_path: Path, rgb_weights: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (h, w) in enumerate([(30, 30), (70, 45), (120, 200)]):
+        Image.fromarray(smooth_rgb(h, w, i)).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    res = _run(str(src), "--out", str(out), "--weights", str(rgb_weights), "--epsilon", "4", "--workers", "0", "--batch-size", "2")
+    assert res.exit_code == 0, res.output
+    for i in range(3):
+        diff = np.abs(_pixels(out / f"{i}.png") - _pixels(src / f"{i}.png"))
+        assert 0 < diff.max() <= 4
+        assert _records(out)[str(src / f"{i}.png")]["linf"] == diff.max()
+
+
+def test_engine_channels_full_res_and_exact_bound(rgb_weights: Path, gray_weights: Path) -> None:
+    rgb, gray = smooth_rgb(40, 50), smooth_rgb(40, 50, 1)[..., :1]
+    for weights in (rgb_weights, gray_weights):
+        engine = ProtectEngine(EngineConfig(weights, device="cpu", epsilon=5.0, batch_size=2))
+        for img, out in zip([rgb, gray], engine.protect_batch([rgb, gray])):
+            assert out.shape == img.shape and out.dtype == np.uint8
+            assert 0 < np.abs(out.astype(int) - img.astype(int)).max() <= 5
+    tall = smooth_rgb(TILE + 100, 90, 2)
+    tiled = ProtectEngine(EngineConfig(rgb_weights, device="cpu", full_res=True, batch_size=4)).protect_batch([tall])[0]
+    assert tiled.shape == tall.shape and 0 < np.abs(tiled.astype(int) - tall.astype(int)).max() <= EPSILON
+
+
+def test_out_inside_input_and_missing_default_weights_refused(tmp_path: Path, rgb_weights: Path, monkeypatch) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(smooth_rgb(8, 8)).save(src / "a.png")
+    for out in (src, src / "protected"):
+        res = _run(str(src), "--out", str(out), "--weights", str(rgb_weights))
+        assert res.exit_code == 2 and "inside input folder" in res.stderr
+    res = _run(str(src), "--out", str(tmp_path), "--weights", str(rgb_weights))
+    assert res.exit_code == 2 and "lies inside --out" in res.stderr
+    assert sorted(p.name for p in src.iterdir()) == ["a.png"]
+    monkeypatch.setattr(protect_mod, "DEFAULT_RGB_WEIGHTS", tmp_path / "not-shipped.safetensors")
+    res = _run(str(src), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "--weights" in res.stderr and "cgan train" in res.stderr
+    assert not (tmp_path / "o").exists()
+    for bad, message in ((["--format", "gif"], "--format gif"), (["--epsilon", "0.5"], "--epsilon 0.5"),
+                         (["--device", "tpu"], "--device tpu"), (["--device", "cpu", "--precision", "bf16"], "needs a CUDA device")):
+        res = _run(str(src), "--out", str(tmp_path / "o"), "--weights", str(rgb_weights), *bad)
+        assert res.exit_code == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_stdin_paths_dry_run_and_format(tmp_path: Path, rgb_weights: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(smooth_rgb(12, 12)).save(tmp_path / "a" / "b" / "x.png")
+    Image.fromarray(smooth_rgb(12, 12, 1)).save(tmp_path / "a" / "y.jpg")
+    listing = "./a/b/x.png\n\na/y.jpg\n"
+    dry = _run("-", "--out", "out", "--weights", str(rgb_weights), "--dry-run", stdin=listing)
+    assert dry.exit_code == 0 and dry.stdout.count("protect\t") == 2
+    assert not (tmp_path / "out").exists()
+    res = _run("-", "--out", "out", "--weights", str(rgb_weights), "--workers", "0", "--format", "webp", stdin=listing)
+    assert res.exit_code == 0, res.output
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.webp")) == ["a/b/x.webp", "a/y.webp"]
+    assert decode_image((tmp_path / "out" / "a" / "y.webp").read_bytes()).webp_lossless
+    inside = _run("-", "--out", "out", "--weights", str(rgb_weights), "--workers", "0", stdin="out/a/y.webp\n")
+    assert inside.exit_code == 1 and "inside --out" in _records(tmp_path / "out")["out/a/y.webp"]["error"]
+
+
+def test_resume_skips_done_and_redoes_changed(tmp_path: Path, rgb_weights: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(smooth_rgb(16, 16, i)).save(src / f"{i}.png")
+    args = (str(src), "--out", str(out), "--weights", str(rgb_weights), "--workers", "0", "--json")
+    assert _run(*args).exit_code == 0
+    first = _tree_hashes(out)
+    Image.fromarray(smooth_rgb(16, 16, 9)).save(src / "1.png")
+    res = _run(*args)
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["counts"] == {"protected": 1, "skipped": 2, "failed": 0}
+    last = _records(out)
+    assert last[str(src / "0.png")]["status"] == "skipped" and last[str(src / "1.png")]["status"] == "protected"
+    assert _tree_hashes(out)["0.png"] == first["0.png"] and _tree_hashes(out)["1.png"] != first["1.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"]["sha256"] == _sha(rgb_weights) and summary["weights"]["metadata"]["working_size"] == 32
+    assert summary["epsilon"] == EPSILON and summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert summary["total"] == 3 and summary["wall_seconds"] > 0 and summary["cgan_version"]
+    other = _run(*args, "--epsilon", "4")  # other settings: nothing may be reused
+    assert json.loads(other.stdout)["counts"] == {"protected": 3, "skipped": 0, "failed": 0}
+
+
+class ListSink:
+    """An ordered in-memory sink, the way a tar-shard sink consumes the pipeline."""
+
+    ordered = True
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+
+    def write(self, sample: Sample, payload: bytes) -> str:
+        self.items.append((sample.rel_out, payload))
+        return sample.rel_out
+
+    def exists(self, rel_out: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_ordered_sink_gets_input_order_with_mixed_shapes_and_passthrough(rgb_weights: Path) -> None:
+    import io
+
+    samples = []
+    for i in range(11):
+        buf = io.BytesIO()
+        Image.fromarray(smooth_rgb(20 + 37 * (i % 3), 40, i)).save(buf, "PNG")
+        samples.append(Sample(id=f"s.tar/{i:03d}.png", rel_out=f"{i:03d}.png", data=buf.getvalue()))
+        samples.append(Sample(id=f"s.tar/{i:03d}.cls", rel_out=f"{i:03d}.cls", data=str(i).encode(), passthrough=True))
+    sink, records = ListSink(), []
+    engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", batch_size=2))
+    protect_stream(samples, sink, engine, EncodeOptions(), records.append, workers=2)
+    assert [name for name, _ in sink.items] == [s.rel_out for s in samples]
+    assert [r.source for r in records] == [s.id for s in samples]
+    assert all(isinstance(r, ManifestRecord) for r in records)
+    assert {r.status for r in records if r.source.endswith(".cls")} == {"skipped"}
+    assert sink.items[1][1] == b"0"
+
+
+def test_sigkill_leaves_no_truncated_output_and_rerun_resumes(tmp_path: Path, rgb_weights: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    n = 240
+    for i in range(n):
+        Image.fromarray(smooth_rgb(48, 48, i)).save(src / f"{i:04d}.png", compress_level=1)
+    cmd = [str(CGAN), "protect", str(src), "--out", str(out), "--weights", str(rgb_weights), "--workers", "1", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    manifest = out / "manifest.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file() and manifest.read_bytes().count(b"\n") >= 10:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_records(manifest))
+    assert 10 <= done_before < n, "the run should have been killed mid-way"
+    for path in out.glob("*.png"):  # every file under a final name is complete
+        assert decode_image(path.read_bytes()).pixels.shape == (48, 48, 3)
+    rerun = subprocess.run([*cmd[:-2], "--json"], capture_output=True, text=True, timeout=300)  # default batch size
+    assert rerun.returncode == 0, rerun.stderr
+    counts = json.loads(rerun.stdout)["counts"]
+    assert counts["failed"] == 0 and counts["skipped"] >= done_before and counts["protected"] + counts["skipped"] == n
+    assert len(list(out.glob("*.png"))) == n and not list(out.glob(".*.cgan.tmp"))
+
+
+@dataclass(frozen=True)
+class CrashingSample(Sample):
+    """A sample whose read kills the decode worker, as a native decoder crash on a hostile file would."""
+
+    def read(self) -> bytes:
+        os._exit(3)
+
+
+def test_decoder_crash_fails_one_file_and_the_batch_goes_on(tmp_path: Path, rgb_weights: Path) -> None:
+    import io
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(smooth_rgb(16, 16, seed)).save(buf, "PNG")
+        return buf.getvalue()
+
+    samples = [Sample(id=f"{i}.png", rel_out=f"{i}.png", data=png(i)) for i in range(6)]
+    samples.insert(3, CrashingSample(id="crash.png", rel_out="crash.png", data=b"x"))
+    sink, records = ListSink(), []
+    engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", batch_size=2))
+    protect_stream(samples, sink, engine, EncodeOptions(), records.append, workers=1)
+    assert [r.source for r in records] == [s.id for s in samples]
+    status = {r.source: (r.status, r.error) for r in records}
+    assert status["crash.png"][0] == "failed" and "decoder process crashed" in status["crash.png"][1]
+    assert all(status[f"{i}.png"][0] == "protected" for i in range(6))
