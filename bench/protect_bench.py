@@ -1,97 +1,255 @@
-"""Throughput and memory of `cgan protect` on synthetic photos (numbers go to docs/protect.md).
+"""How close `cgan protect` runs to the speed of the I/O (numbers go to docs/performance.md).
 
-    .venv/bin/python bench/protect_bench.py [--threads 2] [--device cpu]
+    .venv/bin/python bench/protect_bench.py [--scale 1.0] [--repeats 3] [--workers 2] [--threads 2]
+    .venv/bin/python bench/protect_bench.py --stages          # per-image cost of each pipeline stage
 
-Uses a randomly initialised generator with the default confounder-v1 hyper-parameters (speed does
-not depend on training) and photo-like JPEGs written into a temp folder. Each case is a fresh
-subprocess so that peak RSS is per run: the "flat memory" claim is checked by running the same
-image size at 10x the count.
+For every case (28-32 px PNGs x 10k, ~0.5 MP JPEG photos x 1k, ~12 MP JPEGs x 100; `--scale` shrinks
+the counts) it runs, interleaved and repeated, in fresh child processes:
+
+- floor:   a bare pass over the same files with the same workers and formats: decode, re-encode with
+           the same `EncodeOptions`, write through the same `FolderSink` (temp + fsync + rename);
+           one process per worker does it all, so no pixels cross a process boundary.
+- protect: the real `cgan protect --json` (decode workers, generator, encode threads, manifest).
+
+and reports median(protect wall) / median(floor wall), both measured inside the child from the
+moment work starts (interpreter start and importing torch excluded from both). The generator is a
+random-init `ConfounderGenerator` built from the current code at working size 64 (no shipped RGB
+weights exist yet; speed does not depend on training). The child's peak RSS is recorded, and the
+memory row runs the same small-image case at 1/10 of the count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKING_SIZE = 64
+
+# (label, count at --scale 1, height, width, suffix)
+CASES = [
+    ("32 px PNG", 10_000, 32, 32, ".png"),
+    ("0.5 MP JPEG", 1_000, 612, 816, ".jpg"),
+    ("12 MP JPEG", 100, 3000, 4000, ".jpg"),
+]
 
 
-def write_photos(folder: Path, count: int, height: int, width: int) -> None:
+# -- inputs ------------------------------------------------------------------------------------
+def photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Smooth colour gradients + sensor-like noise: compresses like a real photo, not like flat colour."""
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    phase = rng.uniform(0, 6.28, 3)
+    img = np.stack([128 + 90 * np.sin(6 * x + 4 * y + phase[c] + 3 * x * y * c) for c in range(3)], -1)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_inputs(folder: Path, count: int, height: int, width: int, suffix: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = photo(rng, height, width)
     for i in range(count):
-        phase = rng.uniform(0, 6.28, 3)
-        img = np.stack([128 + 90 * np.sin(x / (17 + 5 * c) + y / (23 + 3 * c) + phase[c]) for c in range(3)], -1)
-        img += rng.normal(0, 6, img.shape)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+        # a cheap per-file variation (roll) keeps files distinct without generating each from scratch
+        img = np.roll(base, shift=(i * 7) % height, axis=0)
+        kwargs = {"quality": 90} if suffix == ".jpg" else {}
+        Image.fromarray(img).save(folder / f"{i:05d}{suffix}", **kwargs)
 
 
-def write_weights(path: Path, working_size: int) -> None:
+def write_weights(path: Path) -> None:
     import torch
 
     from cgan_cli.models import ConfounderGenerator
     from cgan_cli.weights import WeightsMeta, save_generator
 
     torch.manual_seed(0)
-    model = ConfounderGenerator()
-    save_generator(path, model, WeightsMeta(model.arch, model.arch_params(), 8.0, working_size, 3, 10, recipe={"bench": "random init"}))
+    model = ConfounderGenerator()  # the current default architecture, whatever it is today
+    meta = WeightsMeta(model.arch, model.arch_params(), 8.0, WORKING_SIZE, 3, 10, recipe={"bench": "random init"})
+    save_generator(path, model, meta)
 
 
-def run_case(src: Path, out: Path, weights: Path, extra: list[str], threads: int) -> dict:
-    """One `cgan protect` in a child process; returns its summary plus the child's peak RSS."""
-    code = (
-        "import resource, sys, torch; torch.set_num_threads(%d); from cgan_cli.cli import app\n"
-        "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n" % threads
-    )
-    cmd = [sys.executable, "-c", code, "protect", str(src), "--out", str(out), "--weights", str(weights), "--json", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    rss = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("RSS"))
-    return {"summary": summary, "main_rss_mb": rss / 1024}
+# -- children ----------------------------------------------------------------------------------
+def _floor_one(path_and_out: tuple[str, str, str]) -> int:
+    """Worker: read, decode, re-encode with the same options, write durably. Returns bytes written."""
+    from cgan_cli.codec import EncodeOptions, decode_image, encode_image
+    from cgan_cli.sinks import FolderSink
+    from cgan_cli.sources import Sample
+
+    path, rel, out = path_and_out
+    decoded = decode_image(Path(path).read_bytes(), path)
+    payload = encode_image(decoded, decoded.pixels, EncodeOptions())
+    if out not in _SINKS:
+        _SINKS[out] = FolderSink(Path(out))
+    _SINKS[out].write(Sample(path, rel, Path(path)), payload)
+    return len(payload)
 
 
+_SINKS: dict = {}  # one FolderSink per worker process
+
+
+def child_floor(src: Path, out: Path, workers: int) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cgan_cli.sources import folder_samples
+
+    t0 = time.perf_counter()
+    jobs = [(str(s.path), s.rel_out, str(out)) for s in folder_samples(src)]
+    if workers <= 0:
+        total = sum(map(_floor_one, jobs))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            total = sum(pool.map(_floor_one, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers)))))
+    return {"wall": time.perf_counter() - t0, "bytes": total, "n": len(jobs)}
+
+
+def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int) -> dict:
+    from cgan_cli.protect import ProtectConfig, run_protect
+
+    cfg = ProtectConfig((str(src),), out, weights=weights, device="cpu", workers=workers, batch_size=batch)
+    summary = run_protect(cfg)
+    return {"wall": summary.wall_seconds, "n": summary.counts["protected"], "failed": summary.counts["failed"]}
+
+
+def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace, weights: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out), "--weights", str(weights),
+           "--workers", str(args.workers), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child == "floor":
+        res = child_floor(Path(args.src), Path(args.out), args.workers)
+    else:
+        res = child_protect(Path(args.src), Path(args.out), args.workers, Path(args.weights), args.batch_size)
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["children_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(res))
+
+
+# -- stage costs (in process) ------------------------------------------------------------------
+def _ms(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, float]:
+    """Milliseconds per image for every stage protect runs, on one representative file (median of 5)."""
+    import hashlib
+    import pickle
+
+    from cgan_cli.codec import EncodeOptions, decode_image, encode_image, fidelity, prepare
+    from cgan_cli.engine import EngineConfig, ProtectEngine
+    from cgan_cli.sinks import FolderSink
+    from cgan_cli.sources import folder_samples
+
+    sample = next(iter(folder_samples(src)))
+    data = sample.read()
+    decoded = decode_image(data)
+    engine = ProtectEngine(EngineConfig(weights, device="cpu", batch_size=batch))
+    n = min(batch, 8)
+    arrays = [decoded.pixels.copy() for _ in range(n)]
+    protected = engine.protect_batch([decoded.pixels])[0]
+    payload = encode_image(decoded, protected)
+    prepared = prepare(sample, None, EncodeOptions())
+    sink = FolderSink(out)
+    return {
+        "read + sha256": _ms(lambda: hashlib.sha256(sample.read()).hexdigest()),
+        "decode": _ms(lambda: decode_image(data)),
+        "worker -> main pickle": _ms(lambda: pickle.loads(pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))),
+        f"generator + noise (batch {n}, per image)": _ms(lambda: engine.protect_batch(arrays)) / n,
+        "encode": _ms(lambda: encode_image(decoded, protected)),
+        "re-decode + fidelity": _ms(lambda: fidelity(decoded, decode_image(payload))),
+        "sha256 out": _ms(lambda: hashlib.sha256(payload).hexdigest()),
+        "write (temp + fsync + rename)": _ms(lambda: sink.write(sample, payload)),
+    }
+
+
+# -- driver ------------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in the protect process")
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's image count")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="decode workers (protect) = processes (floor)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cases", default="0,1,2", help="comma-separated case indices")
+    parser.add_argument("--stages", action="store_true", help="print per-stage costs instead of the ratio table")
+    parser.add_argument("--no-memory", action="store_true", help="skip the 1/10-count memory row")
+    parser.add_argument("--child", choices=["floor", "protect"], help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cases = [
-        # (label, count, height, width, extra args)
-        ("64px x40, workers 0", 40, 64, 64, ["--workers", "0"]),
-        ("64px x400, workers 0", 400, 64, 64, ["--workers", "0"]),
-        ("64px x400, workers 2", 400, 64, 64, ["--workers", "2"]),
-        ("1024x768 x96, working-res", 96, 768, 1024, ["--workers", "2"]),
-        ("1024x768 x8, --full-res", 8, 768, 1024, ["--workers", "2", "--full-res"]),
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.child:
+        return child_main(args)
+    cases = [CASES[int(i)] for i in args.cases.split(",")]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("CGAN_BENCH_TMP")) as tmp:
         tmp_path = Path(tmp)
         weights = tmp_path / "bench.safetensors"
-        write_weights(weights, working_size=64)
+        write_weights(weights)
+        if args.stages:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            for label, count, h, w, suffix in cases:
+                src = tmp_path / f"src-{h}x{w}"
+                write_inputs(src, 1, h, w, suffix)
+                costs = stage_costs(src, weights, args.batch_size, tmp_path / f"stage-{h}x{w}")
+                print(f"\n{label} ({w}x{h}), ms per image, median of 5")
+                for name, ms in costs.items():
+                    print(f"  {name:42s} {ms:9.2f}")
+            return
         rows = []
-        for i, (label, count, h, w, extra) in enumerate(cases):
-            src = tmp_path / f"src-{count}-{h}x{w}"
-            if not src.exists():
-                write_photos(src, count, h, w)
-            res = run_case(src, tmp_path / f"out{i}", weights, ["--device", args.device, *extra], args.threads)
-            s = res["summary"]
-            recs = [json.loads(line) for line in (tmp_path / f"out{i}" / "manifest.jsonl").read_text().splitlines()]
-            psnr = [r["psnr"] for r in recs if r["psnr"] is not None]
-            rows.append((label, s["counts"]["protected"], s["wall_seconds"], s["images_per_second"], res["main_rss_mb"], float(np.median(psnr))))
-    print(f"| case | protected | wall s | images/s | main RSS MB | median PSNR dB |")
+        for label, count, h, w, suffix in cases:
+            n = max(1, round(count * args.scale))
+            src = tmp_path / f"src-{h}x{w}-{n}"
+            write_inputs(src, n, h, w, suffix)
+            runs: dict[str, list[dict]] = {"floor": [], "protect": []}
+            for r in range(args.repeats):
+                for mode in ("floor", "protect") if r % 2 == 0 else ("protect", "floor"):
+                    res = run_child(mode, src, tmp_path / f"out-{mode}-{h}-{r}", args, weights)
+                    runs[mode].append(res)
+                    print(f"  {label} x{n} {mode} run {r}: {res['wall']:.2f} s, rss {res['rss_mb']:.0f} MB", file=sys.stderr)
+            floor = statistics.median(x["wall"] for x in runs["floor"])
+            prot = statistics.median(x["wall"] for x in runs["protect"])
+            rss = max(x["rss_mb"] for x in runs["protect"])
+            rows.append((f"{label} x{n}", floor, prot, prot / floor, n / prot, rss))
+            if not args.no_memory and suffix == ".png":
+                small = max(1, n // 10)
+                src_small = tmp_path / f"src-{h}x{w}-{small}"
+                write_inputs(src_small, small, h, w, suffix)
+                res = run_child("protect", src_small, tmp_path / f"out-mem-{small}", args, weights)
+                rows.append((f"{label} x{small} (memory check)", float("nan"), res["wall"], float("nan"), small / res["wall"], res["rss_mb"]))
+    print("| case | floor s (median) | protect s (median) | protect / floor | protect images/s | protect peak RSS MB |")
     print("|---|---|---|---|---|---|")
-    for label, n, wall, ips, rss, psnr in rows:
-        print(f"| {label} | {n} | {wall:.2f} | {ips:.1f} | {rss:.0f} | {psnr:.1f} |")
-    print(f"\nhost: {resource.getpagesize()}-byte pages, python {sys.version.split()[0]}, torch threads {args.threads}, device {args.device}")
+    for label, floor, prot, ratio, ips, rss in rows:
+        print(f"| {label} | {floor:.2f} | {prot:.2f} | {ratio:.2f} | {ips:.1f} | {rss:.0f} |")
+    print(f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, python "
+          f"{platform.python_version()}; workers {args.workers}, torch threads {args.threads}, batch {args.batch_size}, "
+          f"repeats {args.repeats}, scale {args.scale}")
 
 
 if __name__ == "__main__":

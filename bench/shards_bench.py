@@ -54,13 +54,15 @@ def build(root: Path, images: int, shards: int, side: int) -> None:
                     tar.addfile(info, io.BytesIO(payload))
 
 
-def run(args: list[str]) -> tuple[float, int, int]:
-    """Wall seconds, exit code and peak RSS (MiB) of one `cgan protect` process."""
+def run(args: list[str]) -> tuple[float, float, int, int]:
+    """Wall seconds, CPU seconds (with its decode workers), exit code and peak RSS (MiB) of one
+    `cgan protect` process. CPU seconds are the fair comparison on a machine shared with other jobs."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     t0 = time.perf_counter()
     proc = subprocess.Popen([*CGAN, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - t0, os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.perf_counter() - t0, cpu, os.waitstatus_to_exitcode(status), usage.ru_maxrss // 1024
 
 
 def main() -> None:
@@ -83,9 +85,10 @@ def main() -> None:
             ("shards x1 (4x images, one shard)", 4 * a.images, [str(big / "shards" / "part-000000.tar"), "--out", str(big / "out"), *common]),
         ]
         for label, n, args in runs:
-            seconds, code, rss = run(args)
+            seconds, cpu, code, rss = run(args)
             print(json.dumps({"run": label, "images": n, "side": a.side, "workers": a.workers, "exit": code,
-                              "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1), "peak_rss_mib": rss}))
+                              "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1),
+                              "cpu_s": round(cpu, 2), "cpu_ms_per_image": round(1000 * cpu / n, 1), "peak_rss_mib": rss}))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["clean", "classwise-p2", *VARIANTS])
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--n", type=int, default=20000, help="fixed train subset size (first N of a seeded permutation)")
-    ap.add_argument("--code-epochs", type=int, default=2)
+    ap.add_argument("--code-epochs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--victim", default="cnn")
     ap.add_argument("--victim-epochs", type=int, default=3)

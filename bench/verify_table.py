@@ -9,6 +9,7 @@ trained weights when they exist, otherwise with an untrained generator of the sa
 
     .venv/bin/python bench/verify_table.py                      # CNN, all countermeasures, baselines
     .venv/bin/python bench/verify_table.py --tag resnet18 --arch resnet18 --epochs 3 --countermeasure none
+    .venv/bin/python bench/verify_table.py --tag generator --baseline none   # once the weights exist
     .venv/bin/python bench/verify_table.py --table-only         # rebuild docs/results.md from the JSONs
 """
 
@@ -137,7 +138,7 @@ def main() -> None:
     p.add_argument("--tag", default="cnn", help="name of this run's JSON in docs/verify/")
     p.add_argument("--arch", action="append", help="victim arch(s); default cnn")
     p.add_argument("--countermeasure", action="append", help=f"default: {' '.join(DEFAULT_CMS)}")
-    p.add_argument("--baseline", action="append", help="default: random classwise em")
+    p.add_argument("--baseline", action="append", help="default: random classwise em; 'none' for the generator alone")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--epsilon", type=float, help="/255; default: the weights' own budget, or 16 without weights")
     p.add_argument("--limit", type=int, default=2000, help="training images (seeded subset of the 60k)")
@@ -150,7 +151,7 @@ def main() -> None:
     args = p.parse_args()
     args.arch = args.arch or ["cnn"]
     args.countermeasure = args.countermeasure or DEFAULT_CMS
-    args.baseline = args.baseline or ["random", "classwise", "em"]
+    args.baseline = [b for b in args.baseline or ["random", "classwise", "em"] if b != "none"]
     if not args.table_only:
         run(args)
     write_table()

@@ -1,10 +1,12 @@
 """What a victim can do to data it suspects is protected, to learn from it anyway.
 
-Two kinds, both applied to the victim's *training* side only (the test set always stays clean):
+Two kinds; the test set is never protected, whatever the countermeasure:
 
 - data transforms, uint8 (N, C, H, W) -> uint8 (N, C, H, W), applied once to the whole training set,
   the way someone would re-save the files (so every result is valid 8-bit data again):
-  `jpeg:Q`, `grayscale`, `blur:SIGMA`, `rescale:F`;
+  `jpeg:Q`, `grayscale`, `blur:SIGMA`, `rescale:F`. They are the victim's input preprocessing, so
+  `verify` passes its clean test images through the same transform (a model trained on blurred
+  images and tested on sharp ones measures the mismatch, not the protection);
 - batch hooks for `victims.train_victim`, built fresh per training run from a seed (so the clean
   and protected runs see identical randomness): `strong-aug` (cutout + mixup), `adv:EPS` (PGD
   adversarial training).

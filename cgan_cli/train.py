@@ -41,7 +41,7 @@ from torch import nn
 
 from cgan_cli import __version__
 from cgan_cli.data import LabeledImages, load_labeled
-from cgan_cli.models import ConfounderGenerator, Discriminator, SmallCNN
+from cgan_cli.models import Discriminator, HardCodeGenerator, SmallCNN
 from cgan_cli.victims import crop_flip
 from cgan_cli.weights import META_KEY, WeightsMeta, save_generator, save_tensors_atomic
 
@@ -54,10 +54,10 @@ class TrainConfig:
     data: str
     out: Path
     epochs: int = 1  # confounder-stage epochs over the data
-    code_epochs: int = 2  # classifier-stage epochs (encoder learns to infer the label)
+    code_epochs: int = 3  # classifier-stage epochs (encoder learns to infer the label)
     batch_size: int = 128
     lr_g: float = 0.01  # Adam, confounder stage (tiles + local head)
-    lr_code: float = 2e-3  # Adam, classifier stage (encoder + code head)
+    lr_code: float = 3e-3  # Adam, classifier stage (encoder + code head)
     lr_d: float = 2e-4  # Adam, discriminator and noise classifier
     lr_surrogate: float = 0.05  # SGD momentum, min-min surrogate
     w_ny: float = 1.0  # noise-only classifier loss weight (N->Y)
@@ -169,7 +169,7 @@ def sample_grid(clean: torch.Tensor, protected: torch.Tensor, epsilon: float) ->
 
 @dataclass
 class Nets:
-    gen: ConfounderGenerator
+    gen: HardCodeGenerator
     disc: Discriminator
     noise_clf: SmallCNN  # N->Y: reads the label from the (surviving) noise alone
     surrogate: SmallCNN  # min-min: trained on protected images, reset periodically
@@ -188,7 +188,7 @@ class Nets:
 
 def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.device) -> Nets:
     torch.manual_seed(cfg.seed)
-    gen = ConfounderGenerator(channels, num_classes, cfg.width, cfg.tile).to(device)
+    gen = HardCodeGenerator(channels, num_classes, cfg.width, cfg.tile).to(device)
     with torch.no_grad():  # start the tiles saturated: full-budget +-1 patterns after tanh
         gen.tiles.copy_(3.0 * torch.randn_like(gen.tiles).sign())
     disc = Discriminator(channels).to(device)
@@ -247,8 +247,10 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def code_step(nets: Nets, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def code_step(nets: Nets, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, float]:
     """Stage 1: the encoder learns to infer the label (it is never given at protect time)."""
+    for group in nets.opt_code.param_groups:
+        group["lr"] = lr
     logits = nets.gen.code_logits(x)
     loss = F.cross_entropy(logits, y)
     nets.opt_code.zero_grad(set_to_none=True)
@@ -342,7 +344,8 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
             y = data.labels[idx].to(device)
             with amp:
                 if step < code_steps:
-                    logs = code_step(nets, x, y)
+                    # Cosine decay to 0: the last steps fit the training images the noise will be keyed to.
+                    logs = code_step(nets, x, y, cfg.lr_code * 0.5 * (1 + math.cos(math.pi * step / code_steps)))
                 else:
                     nets.gen.encoder.requires_grad_(False)  # codes are fixed in the confounder stage
                     nets.gen.code_head.requires_grad_(False)

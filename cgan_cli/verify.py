@@ -204,15 +204,19 @@ def run_victims(
     """One row per (method, arch, countermeasure); the clean-trained run is shared by all methods.
 
     Every run of one (arch, countermeasure) starts from the same seed and sees the same batch order
-    and augmentation, so the only difference between clean and protected runs is the noise.
+    and augmentation, so the only difference between clean and protected runs is the noise. The
+    test images are never protected; they only pass through a countermeasure's input preprocessing.
     """
     num_classes, chance = len(clean.class_names), chance_level(test)
-    test_x = test.floats()
     cms: list[Countermeasure] = [parse_countermeasure(s) for s in cfg.countermeasures]
     rows = []
     for arch in cfg.archs:
         victim = VictimConfig(**{**asdict(cfg.victim), "arch": arch})
         for cm in cms:
+            # A data-transform countermeasure is the victim's input preprocessing, so its test images
+            # (still unprotected) go through it too; else the row measures a blurred-train / sharp-test
+            # mismatch instead of the protection. Batch hooks are training-only by nature.
+            test_x = cm.apply(test.pixels).float().div_(255.0)
 
             def train(pixels: torch.Tensor) -> VictimResult:
                 x = cm.apply(pixels).float().div_(255.0)
