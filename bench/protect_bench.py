@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/protect_bench.py [--scale 1.0] [--repeats 3] [--workers 2] [--threads 2]
     .venv/bin/python bench/protect_bench.py --stages          # per-image cost of each pipeline stage
+    .venv/bin/python bench/protect_bench.py --em 500          # generator vs EM noise, Fashion-MNIST train set
 
 For every case (28-32 px PNGs x 10k, ~0.5 MP JPEG photos x 1k, ~12 MP JPEGs x 100; `--scale` shrinks
 the counts) it runs, interleaved and repeated, in fresh child processes:
@@ -34,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cgan_cli.sinks import FolderSink
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKING_SIZE = 64
 
@@ -46,23 +49,33 @@ CASES = [
 
 
 # -- inputs ------------------------------------------------------------------------------------
+EXAMPLES = ROOT / "examples" / "photos"
+
+
 def photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Smooth colour gradients + sensor-like noise: compresses like a real photo, not like flat colour."""
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
-    phase = rng.uniform(0, 6.28, 3)
-    img = np.stack([128 + 90 * np.sin(6 * x + 4 * y + phase[c] + 3 * x * y * c) for c in range(3)], -1)
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    """A crop of a real example photo scaled to cover (height, width), plus mild sensor-like noise.
+
+    Real content matters: codec cost depends on image entropy, and smooth synthetic gradients decode
+    and encode several times faster than photos, which would flatter neither side honestly.
+    """
+    names = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png", ".webp"))
+    with Image.open(names[int(rng.integers(len(names)))]) as img:
+        img = img.convert("RGB")
+        scale = max(height / img.height, width / img.width) * float(rng.uniform(1.0, 1.3))
+        img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BILINEAR)
+        top, left = int(rng.integers(img.height - height + 1)), int(rng.integers(img.width - width + 1))
+        arr = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32)
+    arr += rng.normal(0, 2.0, arr.shape).astype(np.float32)
+    return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 def write_inputs(folder: Path, count: int, height: int, width: int, suffix: str) -> None:
+    """`count` files; a few distinct photos, varied per file by a roll so no two files are equal."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    base = photo(rng, height, width)
+    bases = [photo(rng, height, width) for _ in range(min(count, 8))]
     for i in range(count):
-        # a cheap per-file variation (roll) keeps files distinct without generating each from scratch
-        img = np.roll(base, shift=(i * 7) % height, axis=0)
+        img = np.roll(bases[i % len(bases)], shift=(i * 7) % height, axis=0)
         kwargs = {"quality": 90} if suffix == ".jpg" else {}
         Image.fromarray(img).save(folder / f"{i:05d}{suffix}", **kwargs)
 
@@ -83,19 +96,24 @@ def write_weights(path: Path) -> None:
 def _floor_one(path_and_out: tuple[str, str, str]) -> int:
     """Worker: read, decode, re-encode with the same options, write durably. Returns bytes written."""
     from cgan_cli.codec import EncodeOptions, decode_image, encode_image
-    from cgan_cli.sinks import FolderSink
     from cgan_cli.sources import Sample
 
     path, rel, out = path_and_out
     decoded = decode_image(Path(path).read_bytes(), path)
     payload = encode_image(decoded, decoded.pixels, EncodeOptions())
-    if out not in _SINKS:
-        _SINKS[out] = FolderSink(Path(out))
-    _SINKS[out].write(Sample(path, rel, Path(path)), payload)
+    _WorkerSink(Path(out)).write(Sample(path, rel, Path(path)), payload)
     return len(payload)
 
 
-_SINKS: dict = {}  # one FolderSink per worker process
+class _WorkerSink(FolderSink):
+    """FolderSink.write (temp + fsync + rename) without the start-up sweep of stale temp files.
+
+    The parent made the folder and swept it once; a sweep per worker would delete the temp files
+    other workers are writing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
 
 
 def child_floor(src: Path, out: Path, workers: int) -> dict:
@@ -105,6 +123,7 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
     from cgan_cli.sources import folder_samples
 
     t0 = time.perf_counter()
+    FolderSink(out)  # create the folder, sweep stale temps: as protect's sink does once
     jobs = [(str(s.path), s.rel_out, str(out)) for s in folder_samples(src)]
     if workers <= 0:
         total = sum(map(_floor_one, jobs))
@@ -125,24 +144,27 @@ def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int)
 
 def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace, weights: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out), "--weights", str(weights),
-           "--workers", str(args.workers), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+           "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def child_main(args: argparse.Namespace) -> None:
-    import resource
-
-    import torch
-
-    torch.set_num_threads(args.threads)
     if args.child == "floor":
         res = child_floor(Path(args.src), Path(args.out), args.workers)
     else:
         res = child_protect(Path(args.src), Path(args.out), args.workers, Path(args.weights), args.batch_size)
-    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["children_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    res["rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across fork + exec, so a
+    child started by a parent that had imported torch would inherit the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 # -- stage costs (in process) ------------------------------------------------------------------
@@ -187,17 +209,57 @@ def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, fl
     }
 
 
+# -- generator vs error-minimizing noise (Fashion-MNIST train set) ------------------------------
+def em_comparison(limit: int, rounds: int, threads: int) -> dict:
+    """Seconds to protect all 60k Fashion-MNIST training images: generator (measured on all of them,
+    in memory) vs sample-wise EM noise (measured on `limit` images for `rounds` rounds, extrapolated
+    per image-round; EM needs at least one round over every image, usually many)."""
+    import torch
+
+    from cgan_cli.baselines import EMConfig, error_minimizing_noise
+    from cgan_cli.data import load_fashion_mnist
+    from cgan_cli.engine import EngineConfig, ProtectEngine
+    from cgan_cli.models import ConfounderGenerator
+    from cgan_cli.weights import WeightsMeta, save_generator
+
+    torch.set_num_threads(threads)
+    data = load_fashion_mnist("train")
+    pixels = data.pixels  # (N, 1, 28, 28) uint8
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "fmnist-bench.safetensors"
+        torch.manual_seed(0)
+        model = ConfounderGenerator(channels=1)
+        save_generator(weights, model, WeightsMeta(model.arch, model.arch_params(), 8.0, 28, 1, 10, recipe={"bench": "random init"}))
+        engine = ProtectEngine(EngineConfig(weights, device="cpu", batch_size=256, cpu_threads=threads))
+        images = list(pixels.permute(0, 2, 3, 1).contiguous().numpy())  # (28, 28, 1) arrays, as decoded files are
+        t0 = time.perf_counter()
+        for i in range(0, len(images), 1024):
+            engine.protect_batch(images[i : i + 1024])
+        gen_s = time.perf_counter() - t0
+    idx = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))[:limit]
+    cfg = EMConfig(max_rounds=rounds, stop_error=0.0)  # fixed rounds: a per-round cost, not convergence
+    t0 = time.perf_counter()
+    _, details = error_minimizing_noise(pixels[idx], data.labels[idx], len(data.class_names), 8.0, 0, cfg)
+    em_s = time.perf_counter() - t0
+    per_image_round = em_s / (limit * details["rounds"])
+    n = len(pixels)
+    return {"images": n, "generator_s": gen_s, "em_subset": limit, "em_rounds": details["rounds"], "em_subset_s": em_s,
+            "em_s_per_round_full": per_image_round * n, "speedup_one_round": per_image_round * n / gen_s}
+
+
 # -- driver ------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's image count")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="decode workers (protect) = processes (floor)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --stages (protect picks its own)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cases", default="0,1,2", help="comma-separated case indices")
     parser.add_argument("--stages", action="store_true", help="print per-stage costs instead of the ratio table")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1/10-count memory row")
+    parser.add_argument("--em", type=int, metavar="N", help="generator vs EM noise on Fashion-MNIST (EM timed on N images)")
+    parser.add_argument("--em-rounds", type=int, default=2, help="EM rounds timed on the subset")
     parser.add_argument("--child", choices=["floor", "protect"], help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -205,6 +267,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child_main(args)
+    if args.em:
+        res = em_comparison(args.em, args.em_rounds, args.threads)
+        print(json.dumps(res, indent=2))
+        print(f"\ngenerator: {res['images']} images in {res['generator_s']:.1f} s; EM: {res['em_s_per_round_full'] / 60:.0f} min "
+              f"per round over {res['images']} images (extrapolated from {res['em_subset']} x {res['em_rounds']} rounds); "
+              f"one EM round alone is {res['speedup_one_round']:.0f}x the generator's total time")
+        return
     cases = [CASES[int(i)] for i in args.cases.split(",")]
     with tempfile.TemporaryDirectory(dir=os.environ.get("CGAN_BENCH_TMP")) as tmp:
         tmp_path = Path(tmp)
@@ -248,7 +317,7 @@ def main() -> None:
     for label, floor, prot, ratio, ips, rss in rows:
         print(f"| {label} | {floor:.2f} | {prot:.2f} | {ratio:.2f} | {ips:.1f} | {rss:.0f} |")
     print(f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, python "
-          f"{platform.python_version()}; workers {args.workers}, torch threads {args.threads}, batch {args.batch_size}, "
+          f"{platform.python_version()}; workers {args.workers}, batch {args.batch_size}, "
           f"repeats {args.repeats}, scale {args.scale}")
 
 

@@ -19,6 +19,7 @@ x257 for 16-bit), so max |output - input| <= epsilon/255 holds exactly on the re
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -50,6 +51,17 @@ class EngineConfig:
     batch_size: int = 16
     full_res: bool = False
     seed: int = 0
+    cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = torch's default
+
+
+def cpu_threads_beside(workers: int) -> int:
+    """Torch threads that leave one core per decode worker (one for decoding inline with --workers 0).
+
+    Why: a torch thread pool as wide as the machine fights the decode workers and encode threads
+    for the same cores; on the 2-core bench host two spinning threads made a 32 px generator batch
+    ~45x slower than one thread (docs/performance.md).
+    """
+    return max(1, (os.cpu_count() or 1) - max(1, workers))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,10 +125,13 @@ class ProtectEngine:
             raise EngineError(f"--epsilon {cfg.epsilon}: must be in [1, 255] (/255 units; below 1 no 8-bit pixel changes)")
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu" and cfg.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(cfg.cpu_threads)  # an explicit OMP_NUM_THREADS wins
         self.generator, self.meta = load_generator(cfg.weights, self.device)
         self.weights_sha256 = file_sha256(cfg.weights)
         self.epsilon = float(cfg.epsilon if cfg.epsilon is not None else self.meta.epsilon)
         torch.manual_seed(cfg.seed)
+        self._buffer: torch.Tensor | None = None
 
     # -- shapes -------------------------------------------------------------------------------
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -170,23 +185,65 @@ class ProtectEngine:
         return (acc / weight)[..., :h, :w]
 
     # -- public -------------------------------------------------------------------------------
+    def _full_size_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reused channels-last float buffer for one image's full-size noise.
+
+        Why: allocating a fresh 144 MB tensor per 12 MP image costs more in page faults than the
+        arithmetic on it (measured ~50 ms of ~70 ms per pass); images of one size reuse one buffer.
+        """
+        if self._buffer is None or tuple(self._buffer.shape) != shape:
+            self._buffer = None  # free the old buffer before allocating the new one
+            self._buffer = torch.empty(shape, device=self.device, memory_format=torch.channels_last)
+        return self._buffer
+
     def _apply(self, image: np.ndarray, noise: torch.Tensor) -> np.ndarray:
-        """Upsample one image's noise to full size, add it in integer levels, clip to +-epsilon."""
+        """Upsample one image's noise to full size, add it in integer levels, clip to +-epsilon.
+
+        Every full-size step runs in place on one (H, W, C)-ordered buffer, so the image is never
+        transposed and only the returned array is freshly allocated.
+        """
         max_value = 65535 if image.dtype == np.uint16 else 255
         levels = self.epsilon / 255.0 * max_value
         limit = math.floor(levels + 1e-9)
         h, w = image.shape[:2]
-        full = upsample_noise(noise, (h, w))[0]  # (C, H, W) in [-1, 1]
-        delta = torch.round(full * levels).clamp_(-limit, limit)  # whole levels; float32 is exact below 2^24
-        x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)
-        out = (x.float() + delta).clamp_(0, max_value)
-        out = out.to(torch.uint8) if image.dtype == np.uint8 else out.to(torch.int32)
-        return out.permute(1, 2, 0).contiguous().cpu().numpy().astype(image.dtype, copy=False)
+        buf = self._full_size_buffer((1, noise.shape[1], h, w))
+        small = noise.contiguous(memory_format=torch.channels_last)
+        if tuple(small.shape[-2:]) == (h, w):
+            buf.copy_(small)
+        else:  # = models.upsample_noise, written into the reused buffer
+            torch.ops.aten.upsample_bilinear2d.out(small, [h, w], False, None, None, out=buf)
+        delta = buf[0].permute(1, 2, 0)  # (H, W, C) view of the channels-last buffer: contiguous
+        delta.mul_(levels).round_().clamp_(-limit, limit)  # whole levels; float32 is exact below 2^24
+        if self.device.type == "cpu":
+            # numpy's mixed uint8 + float32 add and float32 -> uint8 cast are 3-4x faster than
+            # torch's on CPU (13 vs 54 ms and 10 vs 27 ms at 12 MP; docs/performance.md)
+            d = delta.numpy()
+            np.add(d, image, out=d)
+            np.clip(d, 0, max_value, out=d)
+            return d.astype(image.dtype)
+        x = torch.from_numpy(image).to(self.device)
+        delta.add_(x if image.dtype == np.uint8 else x.to(torch.int32)).clamp_(0, max_value)
+        out = delta.to(torch.uint8 if image.dtype == np.uint8 else torch.int32)
+        return out.cpu().numpy().astype(image.dtype, copy=False)
 
     def _to_float(self, image: np.ndarray) -> torch.Tensor:
         max_value = 65535.0 if image.dtype == np.uint16 else 255.0
         x = torch.from_numpy(image.astype(np.float32)).to(self.device)
         return (x / max_value).permute(2, 0, 1)[None]
+
+    def _small(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """One image as a (1, C, h, w) float batch entry at the generator's working shape.
+
+        On the CPU an 8-bit image is resized before it becomes float: torch's uint8 antialiased
+        kernel is ~40x faster than the float one on 12 MP (docs/performance.md), and its output
+        differs from the float resize by under one level. Other cases (16-bit, CUDA) resize in float.
+        """
+        max_value = 65535.0 if image.dtype == np.uint16 else 255.0
+        if image.dtype == np.uint8 and self.device.type == "cpu" and tuple(image.shape[:2]) != size:
+            x = torch.from_numpy(image).permute(2, 0, 1)[None]
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+            return x.float().div_(max_value).contiguous()
+        return self._resize(self._to_float(image), size)
 
     @torch.inference_mode()
     def protect_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -202,7 +259,7 @@ class ProtectEngine:
         for (wh, ww, _c), idx in groups.items():
             for start in range(0, len(idx), self.cfg.batch_size):
                 chunk = idx[start : start + self.cfg.batch_size]
-                small = torch.cat([self._resize(self._to_float(images[i]), (wh, ww)) for i in chunk])
+                small = torch.cat([self._small(images[i], (wh, ww)) for i in chunk])
                 noise = self._generate(small)
                 for i, n in zip(chunk, noise):
                     out[i] = self._apply(images[i], n[None])

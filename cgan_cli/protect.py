@@ -33,9 +33,9 @@ from rich.text import Text
 
 from cgan_cli import __version__
 from cgan_cli.codec import (
-    FORCED_FORMATS, EncodeOptions, Prepared, decode_image, encode_image, fidelity, output_name, prepare,
+    FORCED_FORMATS, EncodeOptions, Prepared, decode_image, encode_image, fidelity, output_name, prepare, prepare_group,
 )
-from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine
+from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine, cpu_threads_beside
 from cgan_cli.manifest import MANIFEST_NAME, SUMMARY_NAME, ManifestRecord, ManifestWriter, ResumeIndex, RunSummary, settings_key, write_summary
 from cgan_cli.sinks import FolderSink, Sink
 from cgan_cli.sources import Sample, UsageError, count_samples, iter_samples, validate_inputs
@@ -78,7 +78,8 @@ class ProtectConfig:
 
     def engine_config(self) -> EngineConfig:
         assert self.weights is not None, "call checked() first"
-        return EngineConfig(self.weights, self.device, self.precision, self.epsilon, self.batch_size, self.full_res, self.seed)
+        return EngineConfig(self.weights, self.device, self.precision, self.epsilon, self.batch_size, self.full_res, self.seed,
+                            cpu_threads=cpu_threads_beside(self.workers))
 
     def encode_options(self) -> EncodeOptions:
         return EncodeOptions(self.format, self.quality)
@@ -144,9 +145,10 @@ def _done(value) -> Future:
 class DecodePool:
     """Decode workers that survive a crashing decoder.
 
-    A malformed file can kill a worker process (a native decoder bug); the pool then breaks and
-    every pending future fails. The in-flight samples are resubmitted to a fresh pool, the first
-    one alone: if it breaks that pool too, it is the culprit and fails with a clear error.
+    Work goes to the workers in groups of samples (one round trip each). A malformed file can kill
+    a worker process (a native decoder bug); the pool then breaks and every pending future fails.
+    The broken group's samples are rerun one at a time on a fresh pool: one that breaks that pool
+    too is the culprit and fails with a clear error; the caller resubmits the other groups in flight.
     """
 
     def __init__(self, workers: int) -> None:
@@ -159,26 +161,41 @@ class DecodePool:
         # spawn, not fork: the main process runs torch threads, and forking those can deadlock.
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def submit(self, *args) -> Future:
-        return self.pool.submit(prepare, *args)
+    def submit(self, jobs: list[tuple]) -> Future:
+        return self.pool.submit(prepare_group, jobs)
 
     def restart(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._new()
 
-    def result(self, fut: Future, args: tuple) -> Prepared:
+    def results(self, fut: Future, jobs: list[tuple]) -> list[Prepared]:
         try:
             return fut.result()
         except BrokenProcessPool:
             self.restart()
-            try:
-                return self.submit(*args).result()
-            except BrokenProcessPool:
-                self.restart()
-                return Prepared(args[0], error="the decoder process crashed on this file (corrupt or hostile data)")
+            return [self._alone(job) for job in jobs]
+
+    def _alone(self, job: tuple) -> Prepared:
+        try:
+            return self.submit([job]).result()[0]
+        except BrokenProcessPool:
+            self.restart()
+            return Prepared(job[0], error="the decoder process crashed on this file (corrupt or hostile data)")
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+GROUP_BYTES = 1 << 20  # a decode round trip carries files up to about this many input bytes...
+
+
+def _input_size(sample: Sample) -> int:
+    if sample.data is not None:
+        return len(sample.data)
+    try:
+        return os.stat(sample.path).st_size if sample.path is not None else 0
+    except OSError:
+        return 0  # unreadable: prepare() reports it
 
 
 def _prepared_in_order(
@@ -189,19 +206,38 @@ def _prepared_in_order(
     sink: Sink,
     options: EncodeOptions,
     guard: Callable[[Sample], str | None] | None,
+    group_files: int = 1,
 ) -> Iterator[Prepared]:
-    """Submit decodes lazily, at most `window` in flight, and yield results in input order."""
-    inflight: deque[tuple[tuple, Future]] = deque()
-    seen: dict[str, str] = {}
+    """Submit decodes lazily, at most `window` samples in flight, and yield results in input order.
 
-    def pop() -> Prepared:
-        args, fut = inflight.popleft()
+    Consecutive samples share one worker round trip, up to `group_files` files and GROUP_BYTES
+    (so a big photo travels alone and small files in groups).
+    """
+    inflight: deque[tuple[list[tuple], Future]] = deque()  # (jobs, future of their results); no jobs: result known
+    seen: dict[str, str] = {}
+    group: list[tuple] = []
+    group_bytes = queued = 0
+
+    def flush() -> None:
+        nonlocal group, group_bytes
+        if group:
+            inflight.append((group, pool.submit(group)))
+            group, group_bytes = [], 0
+
+    def known(result: Prepared) -> None:
+        flush()  # keep input order
+        inflight.append(([], _done([result])))
+
+    def pop() -> list[Prepared]:
+        nonlocal queued
+        jobs, fut = inflight.popleft()
         generation = pool.pool
-        result = pool.result(fut, args)
+        results = pool.results(fut, jobs) if jobs else fut.result()
         if pool.pool is not generation:  # the pool was replaced: everything still in flight was lost
-            for i, (a, f) in enumerate(inflight):
-                inflight[i] = (a, pool.submit(*a) if a else f)  # refusals () were never in the pool
-        return result
+            for i, (j, f) in enumerate(inflight):
+                inflight[i] = (j, pool.submit(j) if j else f)  # known results were never in the pool
+        queued -= len(results)
+        return results
 
     for sample in samples:
         if not sample.passthrough:  # --format renames images only; a tar's .cls/.json keep their names
@@ -210,18 +246,24 @@ def _prepared_in_order(
         if refusal is None and sample.rel_out in seen:
             refusal = f"output {sample.rel_out} collides with the output of {seen[sample.rel_out]}"
         if refusal is not None:
-            inflight.append(((), _done(Prepared(sample, error=refusal))))
+            known(Prepared(sample, error=refusal))
         else:
             seen[sample.rel_out] = sample.id
             args = (sample, resume.lookup(sample.rel_out, sink.exists), options)
             if sample.passthrough and sample.data is not None:  # in-memory tar member, nothing to decode: no IPC
-                inflight.append(((), _done(prepare(*args))))
+                known(prepare(*args))
             else:
-                inflight.append((args, pool.submit(*args)))
-        while len(inflight) >= window:
-            yield pop()
+                group.append(args)
+                group_bytes += _input_size(sample)
+                if len(group) >= group_files or group_bytes >= GROUP_BYTES:
+                    flush()
+        queued += 1
+        while queued >= window:
+            flush()
+            yield from pop()
+    flush()
     while inflight:
-        yield pop()
+        yield from pop()
 
 
 def _chunks(items: Iterator[Prepared], size: int, max_pixels: int = CHUNK_PIXELS) -> Iterator[list[Prepared]]:
@@ -272,7 +314,9 @@ def protect_stream(
     pool = DecodePool(workers)
     encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cgan-encode")
     try:
-        stream = _prepared_in_order(samples, pool, max(2 * threads, batch), resume, sink, options, guard)
+        window = max(2 * threads, batch)
+        group_files = max(1, window // (2 * threads))  # two groups per worker in flight
+        stream = _prepared_in_order(samples, pool, window, resume, sink, options, guard, group_files)
         for chunk in _chunks(stream, chunk_size):
             todo = [item for item in chunk if item.decoded is not None and item.skip is None and item.error is None]
             t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from torch import nn
 
 from cgan_cli import __version__
 from cgan_cli.data import LabeledImages, load_labeled
-from cgan_cli.models import Discriminator, HardCodeGenerator, SmallCNN
+from cgan_cli.models import Discriminator, HardCodeGenerator, SmallCNN, protect_tensor
 from cgan_cli.victims import crop_flip
 from cgan_cli.weights import META_KEY, WeightsMeta, save_generator, save_tensors_atomic
 
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
 @torch.no_grad()
 def write_sample(gen: nn.Module, x: torch.Tensor, epsilon: float, path: Path) -> None:
     gen.eval()
-    protected = torch.round((x + epsilon / 255.0 * gen(x)).clamp(0, 1) * 255.0) / 255.0
+    protected = protect_tensor(gen, x, epsilon)
     gen.train()
     path.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(x, protected, epsilon).save(path)
