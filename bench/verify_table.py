@@ -75,47 +75,55 @@ def fmt_pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+METHOD_ORDER = ["generator", "em", "classwise", "random", "protected"]
+
+
 def render(reports: list[dict]) -> str:
+    """Markdown for every recorded run: accuracies, protection seconds, victim cost, commands."""
+    rows = [(rep, r) for rep in reports for r in rep["rows"]]
+    cm_order = list(dict.fromkeys(r["countermeasure"] for _, r in rows))
+    rows.sort(key=lambda pair: (pair[1]["arch"], cm_order.index(pair[1]["countermeasure"]),
+                                -pair[0]["config"]["epsilon"], METHOD_ORDER.index(pair[1]["method"])))
     lines = [START, "", "### Victims trained on protected data, tested on clean data", "",
-             "| method | victim | countermeasure | clean-trained | protected-trained | drop | chance | train images | epochs | run |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for rep in reports:
-        n, epochs = rep["data"]["train"]["images"], rep["config"]["victim"]["epochs"]
-        for r in rep["rows"]:
-            lines.append(f"| {r['method']} | {r['arch']} | {r['countermeasure']} | {fmt_pct(r['clean_trained_accuracy'])} | "
-                         f"{fmt_pct(r['protected_trained_accuracy'])} | {100 * r['drop']:+.1f} pt | {fmt_pct(r['chance'])} | "
-                         f"{n} | {epochs} | {rep['tag']} |")
-    lines += ["", "### Seconds to protect the training set (same images, same epsilon)", "",
+             "| method | epsilon | victim | countermeasure | clean-trained | protected-trained | drop | chance | train images | epochs | run |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for rep, r in rows:
+        lines.append(f"| {r['method']} | {rep['config']['epsilon']:g}/255 | {r['arch']} | {r['countermeasure']} | "
+                     f"{fmt_pct(r['clean_trained_accuracy'])} | {fmt_pct(r['protected_trained_accuracy'])} | "
+                     f"{100 * r['drop']:+.1f} pt | {fmt_pct(r['chance'])} | {rep['data']['train']['images']} | "
+                     f"{rep['config']['victim']['epochs']} | {rep['tag']} |")
+    lines += ["", "### Seconds to protect the training set (same images)", "",
               "| method | images | seconds | images / s | notes | run |", "|---|---:|---:|---:|---|---|"]
+    trained = any(rep["weights"] for rep in reports)
     for rep in reports:
         for m in rep["methods"]:
             notes = f"L-inf {m['measured_linf']}/255"
             if m["method"] == "em":
                 notes += f"; {m['rounds']} rounds, surrogate error {m['surrogate_error']:.3f}" + ("" if m["stopped"] else " (cap hit)")
-            lines.append(f"| {m['method']} | {m['images']} | {m['seconds_to_protect']:.1f} | {m['images'] / max(m['seconds_to_protect'], 1e-9):,.0f} | {notes} | {rep['tag']} |")
+            lines.append(f"| {m['method']} | {m['images']} | {m['seconds_to_protect']:.1f} | "
+                         f"{m['images'] / max(m['seconds_to_protect'], 1e-9):,.0f} | {notes} | {rep['tag']} |")
         speed = rep.get("generator_speed")
-        if speed:
+        if speed and not trained:
             lines.append(f"| generator architecture (untrained, speed only) | {speed['images']} | {speed['seconds']:.1f} | "
                          f"{speed['images'] / speed['seconds']:,.0f} | no trained weights yet | {rep['tag']} |")
-    lines += ["", "### Victim training cost on this CPU", "",
-              "| victim | countermeasure | seconds per epoch (measured) | minutes per epoch, scaled to 60,000 images | run |",
+    lines += ["", "### Victim training cost on this CPU (1 torch thread, cores shared with other jobs)", "",
+              "| victim | countermeasure | seconds per epoch (measured, incl. test pass) | minutes per epoch, scaled to 60,000 images | run |",
               "|---|---|---:|---:|---|"]
-    for rep in reports:
-        n, epochs, seen = rep["data"]["train"]["images"], rep["config"]["victim"]["epochs"], set()
-        for r in rep["rows"]:
-            if (r["arch"], r["countermeasure"]) in seen:
-                continue
-            seen.add((r["arch"], r["countermeasure"]))
-            per_epoch = r["clean_trained_seconds"] / epochs
-            lines.append(f"| {r['arch']} | {r['countermeasure']} | {per_epoch:.1f} | {per_epoch * 60000 / n / 60:.1f} | {rep['tag']} |")
+    seen = set()
+    for rep, r in rows:
+        if (r["arch"], r["countermeasure"]) in seen:
+            continue
+        seen.add((r["arch"], r["countermeasure"]))
+        n, per_epoch = rep["data"]["train"]["images"], r["clean_trained_seconds"] / rep["config"]["victim"]["epochs"]
+        lines.append(f"| {r['arch']} | {r['countermeasure']} | {per_epoch:.1f} | {per_epoch * 60000 / n / 60:.1f} | {rep['tag']} |")
     lines += ["", "Runs (exact commands and machines):", ""]
     for rep in reports:
-        mach = rep["machine"]
+        mach, w = rep["machine"], rep["weights"]
+        weights = f"`{Path(w['path']).resolve().relative_to(ROOT)}` sha256 `{w['sha256'][:16]}…`" if w else "none (baselines only)"
         lines.append(f"- `{rep['tag']}`: `{rep['command']}` — cgan {rep['cgan_version']}, torch {rep['torch_version']}, "
                      f"{mach['processor']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch thread(s), "
-                     f"{rep['created']}, {rep['seconds'] / 60:.1f} min total; seed {rep['seed']}, epsilon {rep['config']['epsilon']}/255, "
-                     f"test images {rep['data']['test']['images']}; weights: "
-                     + (f"`{rep['weights']['path']}` sha256 `{rep['weights']['sha256'][:16]}…`" if rep["weights"] else "none (generator rows pending)"))
+                     f"{rep['created']}, {rep['seconds'] / 60:.1f} min total; seed {rep['seed']}, epsilon {rep['config']['epsilon']:g}/255, "
+                     f"test images {rep['data']['test']['images']}; weights: {weights}")
     return "\n".join(lines + ["", END])
 
 

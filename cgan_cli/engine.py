@@ -228,8 +228,9 @@ class ProtectEngine:
 
     def _to_float(self, image: np.ndarray) -> torch.Tensor:
         max_value = 65535.0 if image.dtype == np.uint16 else 255.0
-        x = torch.from_numpy(image.astype(np.float32)).to(self.device)
-        return (x / max_value).permute(2, 0, 1)[None]
+        # 8-bit pixels cross to the device as bytes (4x less host->device traffic than float32)
+        x = torch.from_numpy(image if image.dtype == np.uint8 else image.astype(np.float32)).to(self.device)
+        return (x.float() / max_value).permute(2, 0, 1)[None]
 
     def _small(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """One image as a (1, C, h, w) float batch entry at the generator's working shape.
