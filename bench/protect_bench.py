@@ -1,6 +1,6 @@
 """How close `cgan protect` runs to the speed of the I/O (numbers go to docs/performance.md).
 
-    .venv/bin/python bench/protect_bench.py [--scale 1.0] [--repeats 3] [--workers 2] [--threads 2]
+    .venv/bin/python bench/protect_bench.py [--scale 1.0] [--repeats 3] [--workers 2] [--baseline-tree DIR]
     .venv/bin/python bench/protect_bench.py --stages          # per-image cost of each pipeline stage
     .venv/bin/python bench/protect_bench.py --em 500          # generator vs EM noise, Fashion-MNIST train set
 
@@ -10,7 +10,10 @@ the counts) it runs, interleaved and repeated, in fresh child processes:
 - floor:   a bare pass over the same files with the same workers and formats: decode, re-encode with
            the same `EncodeOptions`, write through the same `FolderSink` (temp + fsync + rename);
            one process per worker does it all, so no pixels cross a process boundary.
-- protect: the real `cgan protect --json` (decode workers, generator, encode threads, manifest).
+- protect: `run_protect`, what `cgan protect` runs (decode workers, generator, encode threads,
+           manifest + summary), with its default settings and `--workers`.
+- baseline (with --baseline-tree DIR): the same, importing cgan_cli from another checkout, so that
+           before/after ratios are measured under the same load.
 
 and reports median(protect wall) / median(floor wall), both measured inside the child from the
 moment work starts (interpreter start and importing torch excluded from both). The generator is a
@@ -143,9 +146,13 @@ def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int)
 
 
 def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace, weights: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out), "--weights", str(weights),
-           "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    """One timed run in a fresh process; mode "baseline" is protect with cgan_cli from --baseline-tree."""
+    env = dict(os.environ)
+    if mode == "baseline":
+        env["PYTHONPATH"] = str(args.baseline_tree)  # ahead of the editable install of this checkout
+    cmd = [sys.executable, __file__, "--child", "floor" if mode == "floor" else "protect", "--src", str(src), "--out",
+           str(out), "--weights", str(weights), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -253,11 +260,12 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's image count")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="decode workers (protect) = processes (floor)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for --stages (protect picks its own)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --stages and --em (protect picks its own)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cases", default="0,1,2", help="comma-separated case indices")
     parser.add_argument("--stages", action="store_true", help="print per-stage costs instead of the ratio table")
     parser.add_argument("--no-memory", action="store_true", help="skip the 1/10-count memory row")
+    parser.add_argument("--baseline-tree", type=Path, help="also time protect from another checkout (git archive REV | tar -x -C DIR), interleaved")
     parser.add_argument("--em", type=int, metavar="N", help="generator vs EM noise on Fashion-MNIST (EM timed on N images)")
     parser.add_argument("--em-rounds", type=int, default=2, help="EM rounds timed on the subset")
     parser.add_argument("--child", choices=["floor", "protect"], help=argparse.SUPPRESS)
@@ -296,9 +304,10 @@ def main() -> None:
             n = max(1, round(count * args.scale))
             src = tmp_path / f"src-{h}x{w}-{n}"
             write_inputs(src, n, h, w, suffix)
-            runs: dict[str, list[dict]] = {"floor": [], "protect": []}
+            modes = ["floor", "protect"] + (["baseline"] if args.baseline_tree else [])
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             for r in range(args.repeats):
-                for mode in ("floor", "protect") if r % 2 == 0 else ("protect", "floor"):
+                for mode in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotate: no mode always runs first
                     res = run_child(mode, src, tmp_path / f"out-{mode}-{h}-{r}", args, weights)
                     runs[mode].append(res)
                     print(f"  {label} x{n} {mode} run {r}: {res['wall']:.2f} s, rss {res['rss_mb']:.0f} MB", file=sys.stderr)
@@ -306,6 +315,10 @@ def main() -> None:
             prot = statistics.median(x["wall"] for x in runs["protect"])
             rss = max(x["rss_mb"] for x in runs["protect"])
             rows.append((f"{label} x{n}", floor, prot, prot / floor, n / prot, rss))
+            if args.baseline_tree:
+                base = statistics.median(x["wall"] for x in runs["baseline"])
+                base_rss = max(x["rss_mb"] for x in runs["baseline"])
+                rows.append((f"{label} x{n}, baseline tree", floor, base, base / floor, n / base, base_rss))
             if not args.no_memory and suffix == ".png":
                 small = max(1, n // 10)
                 src_small = tmp_path / f"src-{h}x{w}-{small}"

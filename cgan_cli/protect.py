@@ -186,7 +186,7 @@ class DecodePool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-GROUP_BYTES = 1 << 20  # a decode round trip carries files up to about this many input bytes...
+GROUP_BYTES = 1 << 20  # a group closes at this many input bytes: a photo travels alone, small files together
 
 
 def _input_size(sample: Sample) -> int:
