@@ -35,6 +35,7 @@ from cgan_cli import __version__
 from cgan_cli.codec import (
     FORCED_FORMATS, EncodeOptions, Prepared, decode_image, encode_image, fidelity, output_name, prepare, prepare_group,
 )
+from cgan_cli.distributed import launched_by_torchrun
 from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine, cpu_threads_beside
 from cgan_cli.manifest import MANIFEST_NAME, SUMMARY_NAME, ManifestRecord, ManifestWriter, ResumeIndex, RunSummary, settings_key, write_summary
 from cgan_cli.sinks import FolderSink, Sink
@@ -439,6 +440,9 @@ def run_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     tty = sys.stdout.isatty() and not json_out
     try:
+        if launched_by_torchrun():
+            # Every rank would protect every file; only shards are split across ranks.
+            raise UsageError("torchrun splits WebDataset shards across ranks; protect folders and files with one process")
         if cfg.dry_run:
             summary = dry_run(cfg, emit=(lambda line: None) if json_out else print)
         elif tty:

@@ -278,3 +278,15 @@ def test_decoder_crash_fails_one_file_and_the_batch_goes_on(tmp_path: Path, rgb_
     status = {r.source: (r.status, r.error) for r in records}
     assert status["crash.png"][0] == "failed" and "decoder process crashed" in status["crash.png"][1]
     assert all(status[f"{i}.png"][0] == "protected" for i in range(6))
+
+
+def test_folder_mode_under_torchrun_is_refused(tmp_path: Path, rgb_weights: Path, monkeypatch) -> None:
+    """Only shards are split across ranks; a folder under torchrun would be protected once per rank."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(smooth_rgb(8, 8)).save(src / "a.png")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = _run(str(src), "--out", str(tmp_path / "o"), "--weights", str(rgb_weights))
+    assert res.exit_code == 2 and "torchrun" in res.stderr
+    assert not (tmp_path / "o").exists()
