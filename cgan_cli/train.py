@@ -41,7 +41,7 @@ from torch import nn
 
 from cgan_cli import __version__
 from cgan_cli.data import LabeledImages, load_labeled
-from cgan_cli.models import Discriminator, HardCodeGenerator, SmallCNN, protect_tensor
+from cgan_cli.models import DeepCodeGenerator, Discriminator, SmallCNN, protect_tensor
 from cgan_cli.victims import crop_flip
 from cgan_cli.weights import META_KEY, WeightsMeta, save_generator, save_tensors_atomic
 
@@ -169,7 +169,7 @@ def sample_grid(clean: torch.Tensor, protected: torch.Tensor, epsilon: float) ->
 
 @dataclass
 class Nets:
-    gen: HardCodeGenerator
+    gen: DeepCodeGenerator
     disc: Discriminator
     noise_clf: SmallCNN  # N->Y: reads the label from the (surviving) noise alone
     surrogate: SmallCNN  # min-min: trained on protected images, reset periodically
@@ -188,7 +188,7 @@ class Nets:
 
 def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.device) -> Nets:
     torch.manual_seed(cfg.seed)
-    gen = HardCodeGenerator(channels, num_classes, cfg.width, cfg.tile).to(device)
+    gen = DeepCodeGenerator(channels, num_classes, cfg.width, cfg.tile).to(device)
     with torch.no_grad():  # start the tiles saturated: full-budget +-1 patterns after tanh
         gen.tiles.copy_(3.0 * torch.randn_like(gen.tiles).sign())
     disc = Discriminator(channels).to(device)
