@@ -81,6 +81,7 @@ def protect_command(
 def train_cmd(
     data: str = typer.Argument(..., help="'fashion-mnist' or a class-per-subfolder image folder (DATA/<class>/<image>)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output generator, e.g. weights/NAME.safetensors."),
+    arch: str = typer.Option("confounder-v2", help="Generator: confounder-v2 (shipped Fashion-MNIST) | confounder-v3 (deeper code encoder)."),
     epochs: int = typer.Option(1, help="Confounder-stage epochs (tiles + local head)."),
     code_epochs: int = typer.Option(3, help="Classifier-stage epochs (the encoder learns to infer the label)."),
     batch_size: int = typer.Option(128, help="Images per step."),
@@ -114,7 +115,7 @@ def train_cmd(
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(
-        data=data, out=out, epochs=epochs, code_epochs=code_epochs, batch_size=batch_size, lr_g=lr_g, lr_code=lr_code,
+        data=data, out=out, arch=arch, epochs=epochs, code_epochs=code_epochs, batch_size=batch_size, lr_g=lr_g, lr_code=lr_code,
         lr_d=lr_d, w_ny=w_ny, w_minmin=w_minmin, w_adv=w_adv, reset_every=reset_every, augment=augment, epsilon=epsilon,
         size=size, device=device, precision=precision, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
         sample_every=sample_every, command=shlex.join(["cgan", *sys.argv[1:]]),

@@ -41,12 +41,13 @@ from torch import nn
 
 from cgan_cli import __version__
 from cgan_cli.data import LabeledImages, load_labeled
-from cgan_cli.models import DeepCodeGenerator, Discriminator, SmallCNN, protect_tensor
+from cgan_cli.models import DeepCodeGenerator, Discriminator, HardCodeGenerator, SmallCNN, protect_tensor
 from cgan_cli.victims import crop_flip
 from cgan_cli.weights import META_KEY, WeightsMeta, save_generator, save_tensors_atomic
 
 OBJECTIVE = "staged: codes CE -> tiles by N->Y + min-min (surrogate reset) + hinge GAN, aug in loop"
 CKPT_FORMAT = 1
+TRAINABLE_ARCHS = {cls.arch: cls for cls in (HardCodeGenerator, DeepCodeGenerator)}
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainConfig:
     augment: bool = True  # crop + flip (the victim's augmentation) inside the loop
     epsilon: float = 8.0  # L-inf budget in /255 units
     size: int = 64  # working resolution for folder datasets (built-in sets keep their own)
+    arch: str = "confounder-v2"  # or confounder-v3: deeper code encoder (docs/method.md)
     width: int = 32
     tile: int = 4
     device: str = "auto"
@@ -169,7 +171,7 @@ def sample_grid(clean: torch.Tensor, protected: torch.Tensor, epsilon: float) ->
 
 @dataclass
 class Nets:
-    gen: DeepCodeGenerator
+    gen: HardCodeGenerator  # or its subclass DeepCodeGenerator
     disc: Discriminator
     noise_clf: SmallCNN  # N->Y: reads the label from the (surviving) noise alone
     surrogate: SmallCNN  # min-min: trained on protected images, reset periodically
@@ -187,8 +189,10 @@ class Nets:
 
 
 def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.device) -> Nets:
+    if cfg.arch not in TRAINABLE_ARCHS:
+        raise ValueError(f"--arch {cfg.arch!r}: choose from {sorted(TRAINABLE_ARCHS)}")
     torch.manual_seed(cfg.seed)
-    gen = DeepCodeGenerator(channels, num_classes, cfg.width, cfg.tile).to(device)
+    gen = TRAINABLE_ARCHS[cfg.arch](channels, num_classes, cfg.width, cfg.tile).to(device)
     with torch.no_grad():  # start the tiles saturated: full-budget +-1 patterns after tanh
         gen.tiles.copy_(3.0 * torch.randn_like(gen.tiles).sign())
     disc = Discriminator(channels).to(device)
