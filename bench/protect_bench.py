@@ -187,7 +187,7 @@ def _ms(fn, repeats: int = 5) -> float:
 def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, float]:
     """Milliseconds per image for every stage protect runs, on one representative file (median of 5)."""
     import hashlib
-    import pickle
+    from multiprocessing.reduction import ForkingPickler  # what the process pool itself uses
 
     from cgan_cli.codec import EncodeOptions, decode_image, encode_image, fidelity, prepare
     from cgan_cli.engine import EngineConfig, ProtectEngine
@@ -207,7 +207,7 @@ def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, fl
     return {
         "read + sha256": _ms(lambda: hashlib.sha256(sample.read()).hexdigest()),
         "decode": _ms(lambda: decode_image(data)),
-        "worker -> main pickle": _ms(lambda: pickle.loads(pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))),
+        "worker -> main pickle": _ms(lambda: ForkingPickler.loads(ForkingPickler.dumps(prepared))),
         f"generator + noise (batch {n}, per image)": _ms(lambda: engine.protect_batch(arrays)) / n,
         "encode": _ms(lambda: encode_image(decoded, protected)),
         "re-decode + fidelity": _ms(lambda: fidelity(decoded, decode_image(payload))),
