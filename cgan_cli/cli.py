@@ -96,7 +96,7 @@ def train_cmd(
     epsilon: float = typer.Option(8.0, help="L-inf budget in /255 units.", rich_help_panel="Objective"),
     size: int = typer.Option(64, help="Working resolution for folder datasets (fashion-mnist stays 28).", rich_help_panel="Data / output"),
     device: str = typer.Option("auto", help="auto | cpu | cuda", rich_help_panel="Runtime"),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast, CUDA only).", rich_help_panel="Runtime"),
+    precision: str = typer.Option("fp32", help="auto | fp32 | bf16 | fp16 (autocast on CUDA only; the CPU trains fp32).", rich_help_panel="Runtime"),
     seed: int = typer.Option(0, help="Random seed (init, data order, augmentation).", rich_help_panel="Optimisation"),
     resume: Path | None = typer.Option(None, help="Continue from a checkpoint (NAME.ckpt.safetensors).", rich_help_panel="Runtime"),
     checkpoint_every: int = typer.Option(500, help="Write NAME.ckpt.safetensors every N steps (0 = never).", rich_help_panel="Runtime"),

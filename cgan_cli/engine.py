@@ -94,6 +94,16 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def autocast_context(device: torch.device, precision: str):
+    """Mixed precision only where it pays (CUDA); CPU and fp32 run exact, so CPU runs stay deterministic.
+
+    `precision` is what resolve_precision returned; protect, train and the verify victims all use this.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]:
     """Short side -> working_size (never upscaled), aspect kept, both sides rounded to ALIGN."""
     short = min(height, width)
@@ -142,9 +152,7 @@ class ProtectEngine:
 
     # -- generator calls ----------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type != "cuda" or self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return autocast_context(self.device, self.precision)
 
     def _generate(self, x: torch.Tensor) -> torch.Tensor:
         """G on a (B, C_img, h, w) float batch -> noise direction (B, C_img, h, w) in [-1, 1]."""

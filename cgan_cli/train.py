@@ -26,7 +26,6 @@ import math
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 
 from cgan_cli import __version__
 from cgan_cli.data import LabeledImages, load_labeled
+from cgan_cli.engine import autocast_context, resolve_device, resolve_precision
 from cgan_cli.models import DeepCodeGenerator, Discriminator, HardCodeGenerator, SmallCNN, protect_tensor
 from cgan_cli.victims import crop_flip
 from cgan_cli.weights import META_KEY, WeightsMeta, save_generator, save_tensors_atomic
@@ -72,7 +72,7 @@ class TrainConfig:
     width: int = 32
     tile: int = 4
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (autocast on CUDA only, as protect)
     seed: int = 0
     resume: Path | None = None
     checkpoint_every: int = 500  # steps; 0 = no checkpoints
@@ -90,22 +90,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- small pure helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def quantize_ste(x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +316,7 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step = load_checkpoint(Path(cfg.resume), nets, aug_gen, device) if cfg.resume else 0
     ckpt_path = sibling(out, ".ckpt.safetensors")
-    amp = autocast_for(device, cfg.precision)
+    amp = autocast_context(device, resolve_precision(cfg.precision, device))
     sample_x = data.pixels[:8].float().div(255.0).to(device)
 
     start, logs = time.perf_counter(), {}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cgan_cli.engine import autocast_context
 from cgan_cli.models import SmallCNN, resnet18_small
 
 VICTIM_ARCHS = ("cnn", "resnet18")
@@ -74,14 +75,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 # A hook returns the new batch, or (batch, target) where target is a (B, K) class-probability
 # tensor (mixup): the loss then uses the soft target, train accuracy still the hard labels.
 BatchHook = Callable[[torch.Tensor, torch.Tensor, nn.Module], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _autocast(cfg: VictimConfig) -> torch.autocast:
-    """Mixed precision where it pays (CUDA); a disabled context on CPU keeps CPU runs exact and deterministic."""
-    on_cuda = torch.device(cfg.device).type == "cuda"
-    dtype = AUTOCAST_DTYPES.get(cfg.precision, torch.float32)
-    return torch.autocast("cuda" if on_cuda else "cpu", dtype=dtype, enabled=on_cuda and cfg.precision in AUTOCAST_DTYPES)
+def _autocast(cfg: VictimConfig):
+    """CPU victims always train in fp32 (exact, deterministic); autocast only on CUDA."""
+    return autocast_context(torch.device(cfg.device), cfg.precision)
 
 
 def train_victim(
@@ -104,7 +102,7 @@ def train_victim(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = -(-len(train_y) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
-    if cfg.precision not in ("fp32", *AUTOCAST_DTYPES):
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; choose fp32, bf16 or fp16")
     scaler = torch.amp.GradScaler("cuda", enabled=torch.device(cfg.device).type == "cuda" and cfg.precision == "fp16")
     start, curve, train_acc = time.perf_counter(), [], 0.0
