@@ -16,10 +16,11 @@ the counts) it runs, interleaved and repeated, in fresh child processes:
            before/after ratios are measured under the same load.
 
 and reports median(protect wall) / median(floor wall), both measured inside the child from the
-moment work starts (interpreter start and importing torch excluded from both). The generator is a
-random-init `ConfounderGenerator` built from the current code at working size 64 (no shipped RGB
-weights exist yet; speed does not depend on training). The child's peak RSS is recorded, and the
-memory row runs the same small-image case at 1/10 of the count.
+moment work starts (interpreter start and importing torch excluded from both). The generator is
+the shipped default, weights/cgan-rgb-default.safetensors (`--weights` for another), and protect
+runs with its defaults (the manifest's linf/psnr measured in memory); `--measure-written` adds the
+re-decode of every output. The child's peak RSS is recorded, and the memory row runs the same
+small-image case at 1/10 of the count.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from PIL import Image
 from cgan_cli.sinks import FolderSink
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKING_SIZE = 64
+DEFAULT_WEIGHTS = ROOT / "weights" / "cgan-rgb-default.safetensors"
+FMNIST_WEIGHTS = ROOT / "weights" / "cgan-fashion-mnist.safetensors"
 
 # (label, count at --scale 1, height, width, suffix)
 CASES = [
@@ -81,18 +83,6 @@ def write_inputs(folder: Path, count: int, height: int, width: int, suffix: str)
         img = np.roll(bases[i % len(bases)], shift=(i * 7) % height, axis=0)
         kwargs = {"quality": 90} if suffix == ".jpg" else {}
         Image.fromarray(img).save(folder / f"{i:05d}{suffix}", **kwargs)
-
-
-def write_weights(path: Path) -> None:
-    import torch
-
-    from cgan_cli.models import ConfounderGenerator
-    from cgan_cli.weights import WeightsMeta, save_generator
-
-    torch.manual_seed(0)
-    model = ConfounderGenerator()  # the current default architecture, whatever it is today
-    meta = WeightsMeta(model.arch, model.arch_params(), 8.0, WORKING_SIZE, 3, 10, recipe={"bench": "random init"})
-    save_generator(path, model, meta)
 
 
 # -- children ----------------------------------------------------------------------------------
@@ -137,10 +127,11 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
     return {"wall": time.perf_counter() - t0, "bytes": total, "n": len(jobs)}
 
 
-def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int) -> dict:
+def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int, measure_written: bool) -> dict:
     from cgan_cli.protect import ProtectConfig, run_protect
 
-    cfg = ProtectConfig((str(src),), out, weights=weights, device="cpu", workers=workers, batch_size=batch)
+    cfg = ProtectConfig((str(src),), out, weights=weights, device="cpu", workers=workers, batch_size=batch,
+                        measure_written=measure_written)
     summary = run_protect(cfg)
     return {"wall": summary.wall_seconds, "n": summary.counts["protected"], "failed": summary.counts["failed"]}
 
@@ -152,6 +143,8 @@ def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace, weights
         env["PYTHONPATH"] = str(args.baseline_tree)  # ahead of the editable install of this checkout
     cmd = [sys.executable, __file__, "--child", "floor" if mode == "floor" else "protect", "--src", str(src), "--out",
            str(out), "--weights", str(weights), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+    if args.measure_written and mode != "floor":
+        cmd.append("--measure-written")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -160,7 +153,7 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "floor":
         res = child_floor(Path(args.src), Path(args.out), args.workers)
     else:
-        res = child_protect(Path(args.src), Path(args.out), args.workers, Path(args.weights), args.batch_size)
+        res = child_protect(Path(args.src), Path(args.out), args.workers, Path(args.weights), args.batch_size, args.measure_written)
     res["rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
 
@@ -189,7 +182,7 @@ def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, fl
     import hashlib
     from multiprocessing.reduction import ForkingPickler  # what the process pool itself uses
 
-    from cgan_cli.codec import EncodeOptions, decode_image, encode_image, fidelity, prepare
+    from cgan_cli.codec import EncodeOptions, decode_image, encode_image, fidelity, prepare, written_fidelity
     from cgan_cli.engine import EngineConfig, ProtectEngine
     from cgan_cli.sinks import FolderSink
     from cgan_cli.sources import folder_samples
@@ -210,7 +203,8 @@ def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, fl
         "worker -> main pickle": _ms(lambda: ForkingPickler.loads(ForkingPickler.dumps(prepared))),
         f"generator + noise (batch {n}, per image)": _ms(lambda: engine.protect_batch(arrays)) / n,
         "encode": _ms(lambda: encode_image(decoded, protected)),
-        "re-decode + fidelity": _ms(lambda: fidelity(decoded, decode_image(payload))),
+        "fidelity in memory (manifest linf/psnr)": _ms(lambda: fidelity(decoded.pixels, protected, decoded.max_value)),
+        "re-decode + fidelity (--measure-written)": _ms(lambda: written_fidelity(decoded, decode_image(payload))),
         "sha256 out": _ms(lambda: hashlib.sha256(payload).hexdigest()),
         "write (temp + fsync + rename)": _ms(lambda: sink.write(sample, payload)),
     }
@@ -226,23 +220,16 @@ def em_comparison(limit: int, rounds: int, threads: int) -> dict:
     from cgan_cli.baselines import EMConfig, error_minimizing_noise
     from cgan_cli.data import load_fashion_mnist
     from cgan_cli.engine import EngineConfig, ProtectEngine
-    from cgan_cli.models import ConfounderGenerator
-    from cgan_cli.weights import WeightsMeta, save_generator
 
     torch.set_num_threads(threads)
     data = load_fashion_mnist("train")
     pixels = data.pixels  # (N, 1, 28, 28) uint8
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "fmnist-bench.safetensors"
-        torch.manual_seed(0)
-        model = ConfounderGenerator(channels=1)
-        save_generator(weights, model, WeightsMeta(model.arch, model.arch_params(), 8.0, 28, 1, 10, recipe={"bench": "random init"}))
-        engine = ProtectEngine(EngineConfig(weights, device="cpu", batch_size=256, cpu_threads=threads))
-        images = list(pixels.permute(0, 2, 3, 1).contiguous().numpy())  # (28, 28, 1) arrays, as decoded files are
-        t0 = time.perf_counter()
-        for i in range(0, len(images), 1024):
-            engine.protect_batch(images[i : i + 1024])
-        gen_s = time.perf_counter() - t0
+    engine = ProtectEngine(EngineConfig(FMNIST_WEIGHTS, device="cpu", batch_size=256, cpu_threads=threads))
+    images = list(pixels.permute(0, 2, 3, 1).contiguous().numpy())  # (28, 28, 1) arrays, as decoded files are
+    t0 = time.perf_counter()
+    for i in range(0, len(images), 1024):
+        engine.protect_batch(images[i : i + 1024])
+    gen_s = time.perf_counter() - t0
     idx = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))[:limit]
     cfg = EMConfig(max_rounds=rounds, stop_error=0.0)  # fixed rounds: a per-round cost, not convergence
     t0 = time.perf_counter()
@@ -268,10 +255,11 @@ def main() -> None:
     parser.add_argument("--baseline-tree", type=Path, help="also time protect from another checkout (git archive REV | tar -x -C DIR), interleaved")
     parser.add_argument("--em", type=int, metavar="N", help="generator vs EM noise on Fashion-MNIST (EM timed on N images)")
     parser.add_argument("--em-rounds", type=int, default=2, help="EM rounds timed on the subset")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="generator to time (default: the shipped RGB default)")
+    parser.add_argument("--measure-written", action="store_true", help="protect with --measure-written (re-decode every output)")
     parser.add_argument("--child", choices=["floor", "protect"], help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_main(args)
@@ -285,8 +273,7 @@ def main() -> None:
     cases = [CASES[int(i)] for i in args.cases.split(",")]
     with tempfile.TemporaryDirectory(dir=os.environ.get("CGAN_BENCH_TMP")) as tmp:
         tmp_path = Path(tmp)
-        weights = tmp_path / "bench.safetensors"
-        write_weights(weights)
+        weights = args.weights
         if args.stages:
             import torch
 
@@ -331,7 +318,7 @@ def main() -> None:
         print(f"| {label} | {floor:.2f} | {prot:.2f} | {ratio:.2f} | {ips:.1f} | {rss:.0f} |")
     print(f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, python "
           f"{platform.python_version()}; workers {args.workers}, batch {args.batch_size}, "
-          f"repeats {args.repeats}, scale {args.scale}")
+          f"repeats {args.repeats}, scale {args.scale}, weights {args.weights.name}, measure_written {args.measure_written}")
 
 
 if __name__ == "__main__":

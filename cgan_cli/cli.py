@@ -43,6 +43,7 @@ def protect_command(
     fmt: str | None = typer.Option(None, "--format", help="Force the output format: png | jpeg | webp (changes the file suffix). Default: keep each file's format.", rich_help_panel=_IO),
     quality: int | None = typer.Option(None, "--quality", min=1, max=100, help="JPEG / lossy-WebP quality. Default: reuse the source JPEG's quantisation tables; 95 otherwise.", rich_help_panel=_IO),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be protected or skipped; decode and write nothing.", rich_help_panel=_IO),
+    measure_written: bool = typer.Option(False, "--measure-written", help="Re-decode every output and record its written_linf / written_psnr (what a lossy re-encode really delivered); costs one more decode per image.", rich_help_panel=_IO),
     json_out: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout.", rich_help_panel=_IO),
     weights: Path | None = typer.Option(None, "--weights", "-w", help="Generator weights (.safetensors). Default: weights/cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the epsilon stored with the weights.", rich_help_panel=_PROT),
@@ -65,7 +66,7 @@ def protect_command(
     cfg = ProtectConfig(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=precision, batch_size=batch_size,
         workers=default_workers() if workers is None else workers, seed=seed, format=fmt, quality=quality,
-        full_res=full_res, dry_run=dry_run,
+        full_res=full_res, dry_run=dry_run, measure_written=measure_written,
     )
     from cgan_cli.shards import ShardOptions, looks_like_shards, run_shards_cli  # issue 5: tar shards / streams
 

@@ -88,6 +88,7 @@ class DecodedImage:
 class EncodeOptions:
     format: str | None = None  # None = keep the source's format; else png | jpeg | webp
     quality: int | None = None  # JPEG / lossy WebP quality; None = keep the source's tables / 95
+    measure_written: bool = False  # re-decode each output to measure it (costs one decode per image)
 
 
 def output_name(rel_out: str, options: EncodeOptions) -> str:
@@ -297,16 +298,15 @@ def encode_image(decoded: DecodedImage, pixels: np.ndarray, options: EncodeOptio
 FIDELITY_BLOCK = 1 << 18  # values per block: int64 temporaries stay in L2 cache (2 MB) instead of 4 x 12 MP arrays
 
 
-def fidelity(original: DecodedImage, written: DecodedImage) -> tuple[float, float | None]:
-    """(L-inf in /255 units, PSNR in dB or None when identical) between two decodes, colour only.
+def fidelity(original: np.ndarray, changed: np.ndarray, max_value: int) -> tuple[float, float | None]:
+    """(L-inf in /255 units, PSNR in dB or None when identical) between two (H, W, C) pixel arrays.
 
     Exact integer arithmetic, in row blocks: the whole-image version allocated four full-size
-    int32/int64 temporaries and cost more than the JPEG re-decode it measures (docs/performance.md).
+    int32/int64 temporaries and cost more than a JPEG decode (docs/performance.md). A 1-channel
+    original against a 3-channel array (gray written as RGB WebP) broadcasts.
     """
-    a, b = original.pixels, written.pixels
-    if a.shape[:2] != b.shape[:2] or original.max_value != written.max_value:
-        raise ImageError(f"written image is {b.shape[1]}x{b.shape[0]} {written.out_mode}, source is {a.shape[1]}x{a.shape[0]} {original.out_mode}")
-    channels = max(a.shape[2], b.shape[2])  # a gray source written as RGB (WebP) broadcasts
+    a, b = original, changed
+    channels = max(a.shape[2], b.shape[2])
     rows = max(1, FIDELITY_BLOCK // (a.shape[1] * channels))
     worst, sse = 0, 0
     for top in range(0, a.shape[0], rows):
@@ -314,10 +314,18 @@ def fidelity(original: DecodedImage, written: DecodedImage) -> tuple[float, floa
         worst = max(worst, int(np.abs(diff).max()))
         flat = diff.ravel()
         sse += int(np.dot(flat, flat))
-    scale = 255.0 / original.max_value
+    scale = 255.0 / max_value
     mse = sse / (a.shape[0] * a.shape[1] * channels) * scale**2
     psnr = None if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
     return float(worst) * scale, psnr
+
+
+def written_fidelity(original: DecodedImage, written: DecodedImage) -> tuple[float, float | None]:
+    """`fidelity` of a re-decoded output against its source (--measure-written)."""
+    a, b = original.pixels, written.pixels
+    if a.shape[:2] != b.shape[:2] or original.max_value != written.max_value:
+        raise ImageError(f"written image is {b.shape[1]}x{b.shape[0]} {written.out_mode}, source is {a.shape[1]}x{a.shape[0]} {original.out_mode}")
+    return fidelity(a, b, original.max_value)
 
 
 @dataclass

@@ -24,7 +24,12 @@ STATUSES = ("protected", "skipped", "failed")
 
 @dataclass
 class ManifestRecord:
-    """One input's outcome. linf (in /255 units) and psnr (dB) are measured on the written file."""
+    """One input's outcome.
+
+    linf (/255 units) and psnr (dB) measure the change cgan made: protected pixels vs the decoded
+    source, exactly what a lossless output holds. A lossy re-encode (JPEG, lossy WebP) adds its own
+    error on top; written_linf / written_psnr measure the re-decoded output (--measure-written).
+    """
 
     source: str
     output: str | None
@@ -38,13 +43,22 @@ class ManifestRecord:
     bytes_out: int | None = None
     sha256_in: str | None = None
     sha256_out: str | None = None
-    linf: float | None = None  # max |written - original| over colour channels, /255 units
-    psnr: float | None = None  # dB over colour channels; null when the written pixels are identical
+    linf: float | None = None  # max |protected - original| over colour channels, /255 units
+    psnr: float | None = None  # dB over colour channels; null when nothing changed
+    written_linf: float | None = None  # the same, measured on the re-decoded output (--measure-written)
+    written_psnr: float | None = None
     seconds: float | None = None
     settings: str | None = None  # settings_key() of the run: resume only reuses outputs made the same way
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False, allow_nan=False)
+
+    def round_measurements(self) -> None:
+        """4 decimals of L-inf and 3 of PSNR: enough to read, stable across platforms."""
+        for name, digits in (("linf", 4), ("written_linf", 4), ("psnr", 3), ("written_psnr", 3)):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, round(value, digits))
 
 
 def settings_key(weights_sha256: str, epsilon: float, full_res: bool, fmt: str | None, quality: int | None) -> str:

@@ -34,6 +34,7 @@ from rich.text import Text
 from cgan_cli import __version__
 from cgan_cli.codec import (
     FORCED_FORMATS, EncodeOptions, Prepared, decode_image, encode_image, fidelity, output_name, prepare, prepare_group,
+    written_fidelity,
 )
 from cgan_cli.distributed import launched_by_torchrun
 from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine, cpu_threads_beside
@@ -65,6 +66,7 @@ class ProtectConfig:
     quality: int | None = None
     full_res: bool = False
     dry_run: bool = False
+    measure_written: bool = False
 
     def checked(self) -> "ProtectConfig":
         """Usage errors in the options themselves; returns the config with the weights path resolved."""
@@ -83,7 +85,7 @@ class ProtectConfig:
                             cpu_threads=cpu_threads_beside(self.workers))
 
     def encode_options(self) -> EncodeOptions:
-        return EncodeOptions(self.format, self.quality)
+        return EncodeOptions(self.format, self.quality, self.measure_written)
 
 
 def _base_record(item: Prepared, status: str) -> ManifestRecord:
@@ -95,7 +97,7 @@ def _base_record(item: Prepared, status: str) -> ManifestRecord:
 
 
 def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions, sink: Sink, t_engine: float) -> tuple[ManifestRecord, bytes | None]:
-    """Encode stage (runs in a thread): encode, re-decode the payload to measure it, write if unordered."""
+    """Encode stage (runs in a thread): encode, measure the change, write if unordered."""
     t0 = time.perf_counter()
     if item.error is not None or item.skip is not None:
         rec = _base_record(item, "failed" if item.error is not None else "skipped")
@@ -110,18 +112,18 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
         else:
             assert item.decoded is not None and protected is not None
             payload = encode_image(item.decoded, protected, options)
-            rec.linf, rec.psnr = fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
+            rec.linf, rec.psnr = fidelity(item.decoded.pixels, protected, item.decoded.max_value)
+            if options.measure_written:
+                rec.written_linf, rec.written_psnr = written_fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
         rec.bytes_out, rec.sha256_out = len(payload), hashlib.sha256(payload).hexdigest()
         if not sink.ordered:
             rec.output = sink.write(item.sample, payload)
             payload = None
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
         rec.status, rec.error, payload = "failed", f"cannot write output: {exc}", None
-        rec.linf = rec.psnr = rec.bytes_out = rec.sha256_out = None
+        rec.linf = rec.psnr = rec.written_linf = rec.written_psnr = rec.bytes_out = rec.sha256_out = None
     rec.seconds = round(item.seconds + t_engine + time.perf_counter() - t0, 4)
-    if rec.linf is not None:
-        rec.linf = round(rec.linf, 4)
-        rec.psnr = None if rec.psnr is None else round(rec.psnr, 3)
+    rec.round_measurements()
     return rec, payload
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from cgan_cli.codec import EncodeOptions, ImageError, decode_image, encode_image, fidelity, output_name
+from cgan_cli.codec import EncodeOptions, ImageError, decode_image, encode_image, fidelity, output_name, written_fidelity
 from conftest import MAKE_TAG, ORIENTATION_TAG, huge_png_header_bytes, jpeg_with_orientation, png_16bit_colour_bytes, smooth_rgb
 
 
@@ -74,7 +74,8 @@ def test_grayscale_stays_l_and_16bit_stays_16bit() -> None:
     back = Image.open(io.BytesIO(written))
     assert back.mode == "I;16"
     assert np.array_equal(np.asarray(back).astype(np.int64), np.clip(deep.astype(np.int64) + 257, 0, 65535))
-    assert fidelity(dec, decode_image(written))[0] == pytest.approx(1.0, abs=1e-9)  # 257/65535*255 = 1 level
+    assert written_fidelity(dec, decode_image(written))[0] == pytest.approx(1.0, abs=1e-9)  # 257/65535*255 = 1 level
+    assert fidelity(dec.pixels, _shift(dec.pixels, 257), dec.max_value)[0] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_palette_protected_as_rgb_and_transparency_becomes_alpha() -> None:

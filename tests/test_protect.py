@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -125,6 +126,46 @@ def test_engine_channels_full_res_and_exact_bound(rgb_weights: Path, gray_weight
     tall = smooth_rgb(TILE + 100, 90, 2)
     tiled = ProtectEngine(EngineConfig(rgb_weights, device="cpu", full_res=True, batch_size=4)).protect_batch([tall])[0]
     assert tiled.shape == tall.shape and 0 < np.abs(tiled.astype(int) - tall.astype(int)).max() <= EPSILON
+
+
+def test_cpu_fixed_point_path_matches_float_path_within_one_level(rgb_weights: Path) -> None:
+    """The 8-bit CPU path rounds the noise before upsampling it; on a real photo with saturated
+    pixels it must stay inside the budget and within one level of the full-size float path."""
+    with Image.open(Path(__file__).parents[1] / "examples" / "photos" / "coffee.jpg") as img:
+        photo = np.asarray(img.convert("RGB")).copy()
+    photo[:40] = 255
+    photo[-40:] = 0  # clipping at both ends of the range
+    engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", epsilon=6.0))
+    with torch.inference_mode():
+        noise = engine._generate(engine._small(photo, engine.working_shape(*photo.shape[:2])))
+        fixed = engine._apply_fixed_point(photo, noise, 6).astype(int)
+        floating = engine._apply_float(photo, noise, 255, 6).astype(int)
+    assert fixed.shape == photo.shape
+    assert np.abs(fixed - photo).max() == 6 and np.abs(floating - photo).max() == 6
+    assert np.abs(fixed - floating).max() <= 1
+    assert (fixed == floating).mean() > 0.5
+    assert fixed[:40].min() >= 249 and fixed[-40:].max() <= 6  # saturated pixels clip, never wrap around
+
+
+def test_measure_written_records_what_the_lossy_file_holds(tmp_path: Path, rgb_weights: Path) -> None:
+    src, out_fast, out_measured = tmp_path / "in", tmp_path / "fast", tmp_path / "measured"
+    src.mkdir()
+    Image.fromarray(smooth_rgb(90, 120, 3)).save(src / "a.jpg", quality=85)
+    Image.fromarray(smooth_rgb(60, 80, 4)).save(src / "b.png")
+    common = ("--weights", str(rgb_weights), "--workers", "0")
+    assert _run(str(src), "--out", str(out_fast), *common).exit_code == 0
+    res = _run(str(src), "--out", str(out_measured), *common, "--measure-written")
+    assert res.exit_code == 0, res.output
+    fast, measured = _records(out_fast), _records(out_measured)
+    for name in ("a.jpg", "b.png"):
+        key = str(src / name)
+        assert fast[key]["written_linf"] is None and fast[key]["written_psnr"] is None
+        assert fast[key]["linf"] == measured[key]["linf"] <= EPSILON
+        written = np.abs(_pixels(out_measured / name) - _pixels(src / name)).max()
+        assert measured[key]["written_linf"] == written
+    png, jpg = measured[str(src / "b.png")], measured[str(src / "a.jpg")]
+    assert png["written_linf"] == png["linf"] and png["written_psnr"] == png["psnr"]  # lossless: the same pixels
+    assert jpg["written_psnr"] != jpg["psnr"]  # the JPEG re-encode changes the pixels again (it may even smooth noise away)
 
 
 def test_out_inside_input_and_missing_default_weights_refused(tmp_path: Path, rgb_weights: Path, monkeypatch) -> None:
