@@ -144,3 +144,19 @@ def test_truncated_cmyk_and_animated_refused() -> None:
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(ImageError, match="animated"):
         decode_image(buf.getvalue())
+
+
+def test_fidelity_is_exact_at_the_extremes_of_range_and_width() -> None:
+    """Block-wise int32 sums must not overflow: full-range differences on rows wider than a block."""
+    black, white = np.zeros((3, 20_000, 3), np.uint8), np.full((3, 20_000, 3), 255, np.uint8)
+    assert fidelity(black, white, 255) == (255.0, pytest.approx(0.0, abs=1e-12))
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    diff = a.astype(np.int64) - b
+    linf, psnr = fidelity(a, b, 255)
+    assert linf == np.abs(diff).max() and psnr == pytest.approx(10 * np.log10(255**2 / (diff**2).mean()), rel=1e-12)
+    gray, rgb = a[..., :1], np.repeat(a[..., :1], 3, axis=2)
+    assert fidelity(gray, rgb, 255) == (0.0, None)  # a gray source written as RGB broadcasts
+    deep = np.zeros((4, 5, 1), np.uint16)
+    assert fidelity(deep, deep + 257, 65535)[0] == pytest.approx(1.0)
