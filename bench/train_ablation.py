@@ -52,10 +52,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weights", type=Path, help="evaluate this generator file instead of training one")
     ap.add_argument("--json", type=Path, help="append one JSON line per result here")
+    ap.add_argument("--unseen", action="store_true",
+                    help="protect images the generator never saw: the victim trains on the protected TEST split "
+                         "(10,000) and is tested on the clean 60,000-image TRAIN split; use with --weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     train_set, test_set = load_fashion_mnist("train"), load_fashion_mnist("test")
+    if args.unseen:
+        train_set, test_set = test_set, train_set
     subset = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[: args.n])
     x, y = subset.floats(), subset.labels
     vcfg = VictimConfig(arch=args.victim, epochs=args.victim_epochs)

@@ -167,6 +167,14 @@ def _write_mode(name: str) -> str:
     return "w|"
 
 
+class OutputClosed(Exception):
+    """The reader of the output stream went away (`cgan protect ... --out - | head`): stop the run.
+
+    Not an OSError on purpose: the pipeline turns OSErrors into per-file failures and goes on, but
+    with nobody reading there is nothing left to protect for.
+    """
+
+
 class TarStreamWriter:
     """Append members to a tar stream ('w|'), in the order given; never seeks, so stdout works."""
 
@@ -176,11 +184,17 @@ class TarStreamWriter:
         self._tar = tarfile.open(fileobj=stream, mode=_write_mode(name), format=tarfile.PAX_FORMAT)
 
     def add(self, name: str, data: bytes) -> None:
-        self._tar.addfile(_member_info(name, len(data), self._mtime), io.BytesIO(data))
+        try:
+            self._tar.addfile(_member_info(name, len(data), self._mtime), io.BytesIO(data))
+        except BrokenPipeError as exc:
+            raise OutputClosed(f"the output stream was closed by its reader after {name!r} started") from exc
 
     def close(self) -> None:
-        self._tar.close()  # writes the end-of-archive blocks; the underlying stream stays open
-        self._stream.flush()
+        try:
+            self._tar.close()  # writes the end-of-archive blocks; the underlying stream stays open
+            self._stream.flush()
+        except BrokenPipeError as exc:
+            raise OutputClosed("the output stream was closed by its reader before the end of the archive") from exc
 
 
 def iter_keyed_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -592,6 +606,11 @@ def run_shards_cli(cfg: ProtectConfig, opts: ShardOptions, json_out: bool = Fals
     except (UsageError, EngineError, WeightsError) as exc:
         err.print(f"cgan protect: error: {exc}", markup=False)
         return 2
+    except OutputClosed as exc:
+        # Point stdout at /dev/null so the interpreter's final flush cannot raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        err.print(f"cgan protect: stopped: {exc}; the output is incomplete", markup=False)
+        return 1
     finally:
         shutdown(ctx)
     if ctx.is_main:

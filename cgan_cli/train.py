@@ -55,7 +55,7 @@ class TrainConfig:
     data: str
     out: Path
     epochs: int = 1  # confounder-stage epochs over the data
-    code_epochs: int = 3  # classifier-stage epochs (encoder learns to infer the label)
+    code_epochs: int = 20  # classifier-stage epochs: the encoder must fit ~100% of the training images
     batch_size: int = 128
     lr_g: float = 0.01  # Adam, confounder stage (tiles + local head)
     lr_code: float = 3e-3  # Adam, classifier stage (encoder + code head)
@@ -68,7 +68,7 @@ class TrainConfig:
     augment: bool = True  # crop + flip (the victim's augmentation) inside the loop
     epsilon: float = 8.0  # L-inf budget in /255 units
     size: int = 64  # working resolution for folder datasets (built-in sets keep their own)
-    arch: str = "confounder-v2"  # or confounder-v3: deeper code encoder (docs/method.md)
+    arch: str = "confounder-v3"  # or confounder-v2: the shallower encoder (docs/method.md)
     width: int = 32
     tile: int = 4
     device: str = "auto"

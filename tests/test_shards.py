@@ -205,6 +205,19 @@ def test_stdin_to_stdout_and_pipe_url(tmp_path, rgb_weights):
             assert_protected_copy(dict(members), {m.name: tar.extractfile(m).read() for m in tar.getmembers()})
 
 
+def test_reader_closing_stdout_stops_the_run_with_one_message(tmp_path, rgb_weights):
+    """`cgan protect shards --out - | head -c N`: stop at once, say so once, exit 1 (output incomplete)."""
+    members = [(f"{i:04d}.png", image_bytes(i, "PNG", size=(120, 160))) for i in range(30)]
+    shard = write_tar(tmp_path / "in.tar", members)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = " ".join(CGAN) + f" protect {shard} --out - -w {rgb_weights} --workers 0"
+    proc = subprocess.run(["bash", "-c", f"{cmd} | head -c 2000 > /dev/null; exit ${{PIPESTATUS[0]}}"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.count("closed by its reader") == 1 and "output is incomplete" in proc.stderr
+    assert "failed" not in proc.stderr and "Traceback" not in proc.stderr  # no per-member failures, no crash
+
+
 def test_labeled_shards_feed_train_and_verify(tmp_path):
     for s in range(2):
         write_tar(tmp_path / f"lab-{s}.tar", sample_members(s, count=3))

@@ -66,6 +66,8 @@ def test_cli_train_writes_loadable_generator_within_epsilon(folder: Path, tmp_pa
 
     metrics = json.loads((tmp_path / "g.metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["noise_linf_255"] <= 6.0 + 1e-5
+    warned = "warning: the encoder reads the label of only" in result.stderr
+    assert warned == (metrics["code_train_accuracy"] < 0.99), result.stderr  # a poorly fit encoder is flagged
     grid = Image.open(tmp_path / "g.samples" / "step0000002.png")
     assert grid.size == (3 * SIDE, 8 * SIDE)
 
