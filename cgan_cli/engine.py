@@ -13,7 +13,9 @@ back to one channel; a 1-channel generator sees the luminance of an RGB image an
 added equally to R, G and B. Both keep |noise| <= epsilon.
 
 The delivered change is round(noise) in integer levels, clipped to +-floor(epsilon) levels (8-bit;
-x257 for 16-bit), so max |output - input| <= epsilon/255 holds exactly on the returned arrays.
+x257 for 16-bit), so max |output - input| <= epsilon/255 holds exactly on the returned arrays. On the
+CPU, 8-bit images get their noise rounded to levels at working size and upsampled as bytes (fixed
+point, ~3x cheaper at 12 MP); elsewhere the noise is upsampled in float and rounded at full size.
 """
 
 from __future__ import annotations
