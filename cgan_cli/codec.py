@@ -295,28 +295,25 @@ def encode_image(decoded: DecodedImage, pixels: np.ndarray, options: EncodeOptio
     return buf.getvalue()
 
 
-# Values per block, so that the block's sum of squares cannot overflow the accumulator: 8-bit
-# differences (<= 255) squared fit int32 for 32,768 values; 16-bit ones need int64.
-FIDELITY_BLOCK_8BIT = 1 << 15
-FIDELITY_BLOCK_16BIT = 1 << 18
+FIDELITY_BLOCK = 1 << 16  # values per block: the temporaries stay in cache
 
 
 def fidelity(original: np.ndarray, changed: np.ndarray, max_value: int) -> tuple[float, float | None]:
     """(L-inf in /255 units, PSNR in dB or None when identical) between two (H, W, C) pixel arrays.
 
-    Exact integer arithmetic in cache-sized blocks with the narrowest safe accumulator: whole-image
-    int64 temporaries cost ~3x more at 12 MP (docs/performance.md). A 1-channel original against a
-    3-channel array (gray written as RGB WebP) broadcasts.
+    Exact integer arithmetic in cache-sized blocks, squares summed into int64: whole-image int64
+    temporaries cost ~4x more at 12 MP (docs/performance.md). 8-bit differences and their squares
+    fit int32; 16-bit squares need int64. A 1-channel original against a 3-channel array (gray
+    written as RGB WebP) broadcasts.
     """
     a, b = (original, changed) if original.shape == changed.shape else np.broadcast_arrays(original, changed)
     a, b = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
-    wide = max_value > 255
-    block, acc = (FIDELITY_BLOCK_16BIT, np.int64) if wide else (FIDELITY_BLOCK_8BIT, np.int32)
+    acc = np.int64 if max_value > 255 else np.int32
     worst, sse = 0, 0
-    for start in range(0, a.size, block):
-        diff = np.subtract(a[start : start + block], b[start : start + block], dtype=acc)
+    for start in range(0, a.size, FIDELITY_BLOCK):
+        diff = np.subtract(a[start : start + FIDELITY_BLOCK], b[start : start + FIDELITY_BLOCK], dtype=acc)
         worst = max(worst, int(diff.max()), -int(diff.min()))
-        sse += int(np.dot(diff, diff))
+        sse += int(np.square(diff, out=diff).sum(dtype=np.int64))
     scale = 255.0 / max_value
     mse = sse / max(1, a.size) * scale**2
     psnr = None if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
