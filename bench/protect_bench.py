@@ -130,8 +130,8 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
 def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int, measure_written: bool) -> dict:
     from cgan_cli.protect import ProtectConfig, run_protect
 
-    cfg = ProtectConfig((str(src),), out, weights=weights, device="cpu", workers=workers, batch_size=batch,
-                        measure_written=measure_written)
+    extra = {"measure_written": True} if measure_written else {}  # (older trees, for --baseline-tree, lack the field)
+    cfg = ProtectConfig((str(src),), out, weights=weights, device="cpu", workers=workers, batch_size=batch, **extra)
     summary = run_protect(cfg)
     return {"wall": summary.wall_seconds, "n": summary.counts["protected"], "failed": summary.counts["failed"]}
 

@@ -222,8 +222,8 @@ class ProtectEngine:
     def _apply_fixed_point(self, image: np.ndarray, noise: torch.Tensor, limit: int) -> np.ndarray:
         """CPU, 8-bit: round the noise to whole levels at working size, upsample it as bytes, add once.
 
-        Why: the full-size float path (float upsample, scale, round, add, cast) cost ~85-130 ms per
-        12 MP image; torch's uint8 bilinear kernel plus one int16 add costs ~30 ms
+        Why: the full-size float path (float upsample, scale, round, add, cast) costs ~80 ms per
+        12 MP image; torch's uint8 bilinear kernel plus one int16 add costs ~18 ms
         (docs/performance.md). Bilinear weights are convex, so the upsampled levels stay within
         +-limit exactly; rounding before rather than after the upsample moves some pixels by one
         level against the float path, never past the budget.
