@@ -11,8 +11,8 @@
    same images, to size what keeping the pixels on the GPU between decode and encode would buy.
 4. The card, driver, torch and torchvision versions.
 
-The generator is a random-init ConfounderGenerator built from the current code (working size 64),
-as in bench/protect_bench.py: speed and numerical agreement do not depend on training. Writes
+The generator is the shipped default, weights/cgan-rgb-default.safetensors (`--weights` for another),
+as in bench/protect_bench.py. Writes
 gpu_check.json into --out (default: $OUT if set, else the current directory) and prints it.
 """
 
@@ -23,7 +23,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protect_bench import photo, write_weights  # noqa: E402  (same generator and inputs as the CPU bench)
+from protect_bench import DEFAULT_WEIGHTS, photo  # noqa: E402  (same generator and inputs as the CPU bench)
 
 from cgan_cli.engine import EngineConfig, ProtectEngine  # noqa: E402
 
@@ -117,19 +116,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--seconds", type=float, default=8.0, help="timing window per measurement")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="generator (default: the shipped RGB default)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 2
     rng = np.random.default_rng(0)
     images = {name: [photo(rng, h, w) for _ in range(batch)] for name, (h, w, batch) in SIZES.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "gpu-check.safetensors"
-        write_weights(weights)
-        epsilon = ProtectEngine(EngineConfig(weights, device="cpu")).epsilon
-        report = {"card": card(), "epsilon": epsilon, "agreement": agreement(weights, images, epsilon),
-                  "protect_batch_images_per_s": throughput(weights, images, args.seconds),
-                  "device_codec_images_per_s": device_codec(images, args.seconds)}
+    weights = args.weights
+    epsilon = ProtectEngine(EngineConfig(weights, device="cpu")).epsilon
+    report = {"card": card(), "weights": str(weights), "epsilon": epsilon, "agreement": agreement(weights, images, epsilon),
+              "protect_batch_images_per_s": throughput(weights, images, args.seconds),
+              "device_codec_images_per_s": device_codec(images, args.seconds)}
     report["ok"] = all(row["ok"] for key, row in report["agreement"].items() if not key.endswith("cpu-fp32"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
