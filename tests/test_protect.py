@@ -145,6 +145,8 @@ def test_cpu_fixed_point_path_matches_float_path_within_one_level(rgb_weights: P
     assert np.abs(fixed - floating).max() <= 1
     assert (fixed == floating).mean() > 0.5
     assert fixed[:40].min() >= 249 and fixed[-40:].max() <= 6  # saturated pixels clip, never wrap around
+    big = ProtectEngine(EngineConfig(rgb_weights, device="cpu", epsilon=200.0)).protect_batch([photo])[0]  # > 127 levels: float path
+    assert 0 < np.abs(big.astype(int) - photo).max() <= 200
 
 
 def test_measure_written_records_what_the_lossy_file_holds(tmp_path: Path, rgb_weights: Path) -> None:
