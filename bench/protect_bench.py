@@ -136,13 +136,13 @@ def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int,
     return {"wall": summary.wall_seconds, "n": summary.counts["protected"], "failed": summary.counts["failed"]}
 
 
-def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace, weights: Path) -> dict:
+def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> dict:
     """One timed run in a fresh process; mode "baseline" is protect with cgan_cli from --baseline-tree."""
     env = dict(os.environ)
     if mode == "baseline":
         env["PYTHONPATH"] = str(args.baseline_tree)  # ahead of the editable install of this checkout
     cmd = [sys.executable, __file__, "--child", "floor" if mode == "floor" else "protect", "--src", str(src), "--out",
-           str(out), "--weights", str(weights), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+           str(out), "--weights", str(args.weights), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
     if args.measure_written and mode != "floor":
         cmd.append("--measure-written")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
@@ -273,7 +273,6 @@ def main() -> None:
     cases = [CASES[int(i)] for i in args.cases.split(",")]
     with tempfile.TemporaryDirectory(dir=os.environ.get("CGAN_BENCH_TMP")) as tmp:
         tmp_path = Path(tmp)
-        weights = args.weights
         if args.stages:
             import torch
 
@@ -281,7 +280,7 @@ def main() -> None:
             for label, count, h, w, suffix in cases:
                 src = tmp_path / f"src-{h}x{w}"
                 write_inputs(src, 1, h, w, suffix)
-                costs = stage_costs(src, weights, args.batch_size, tmp_path / f"stage-{h}x{w}")
+                costs = stage_costs(src, args.weights, args.batch_size, tmp_path / f"stage-{h}x{w}")
                 print(f"\n{label} ({w}x{h}), ms per image, median of 5")
                 for name, ms in costs.items():
                     print(f"  {name:42s} {ms:9.2f}")
@@ -295,7 +294,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             for r in range(args.repeats):
                 for mode in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotate: no mode always runs first
-                    res = run_child(mode, src, tmp_path / f"out-{mode}-{h}-{r}", args, weights)
+                    res = run_child(mode, src, tmp_path / f"out-{mode}-{h}-{r}", args)
                     runs[mode].append(res)
                     print(f"  {label} x{n} {mode} run {r}: {res['wall']:.2f} s, rss {res['rss_mb']:.0f} MB", file=sys.stderr)
             floor = statistics.median(x["wall"] for x in runs["floor"])
@@ -310,7 +309,7 @@ def main() -> None:
                 small = max(1, n // 10)
                 src_small = tmp_path / f"src-{h}x{w}-{small}"
                 write_inputs(src_small, small, h, w, suffix)
-                res = run_child("protect", src_small, tmp_path / f"out-mem-{small}", args, weights)
+                res = run_child("protect", src_small, tmp_path / f"out-mem-{small}", args)
                 rows.append((f"{label} x{small} (memory check)", float("nan"), res["wall"], float("nan"), small / res["wall"], res["rss_mb"]))
     print("| case | floor s (median) | protect s (median) | protect / floor | protect images/s | protect peak RSS MB |")
     print("|---|---|---|---|---|---|")

@@ -23,12 +23,17 @@ def variants(tile: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.roll(t, (dy, dx), (-2, -1)) for t in (tile, tile.flip(-1)) for dy in range(p) for dx in range(p)])
 
 
+def unit_rows(tiles: torch.Tensor) -> torch.Tensor:
+    """(N, ...) tiles -> (N, D) unit vectors, so a matrix product gives cosine similarities."""
+    flat = tiles.flatten(1)
+    return flat / flat.norm(dim=1, keepdim=True)
+
+
 def worst_similarity(tiles: torch.Tensor) -> float:
     """Highest cosine similarity between one class's tile and any shift/flip of another's."""
-    flat = lambda t: t.flatten(1) / t.flatten(1).norm(dim=1, keepdim=True)
     worst = -1.0
     for i in range(len(tiles)):
-        sims = flat(variants(tiles[i])) @ flat(tiles).T  # (variants, K)
+        sims = unit_rows(variants(tiles[i])) @ unit_rows(tiles).T  # (variants, K)
         sims[:, i] = -1.0
         worst = max(worst, float(sims.max()))
     return worst
@@ -38,14 +43,12 @@ def far_apart_tiles(k: int, shape: tuple[int, ...], candidates: int, seed: int) 
     """Greedy: each next tile is the random +-1 candidate least similar to the ones already chosen."""
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randint(0, 2, (candidates, *shape), generator=gen).float() * 2 - 1
-    pool_flat = pool.flatten(1) / pool.flatten(1).norm(dim=1, keepdim=True)
+    pool_unit = unit_rows(pool)
     chosen = [pool[0]]
     for _ in range(k - 1):
         score = torch.full((candidates,), -1.0)
         for t in chosen:
-            v = variants(t).flatten(1)
-            v = v / v.norm(dim=1, keepdim=True)
-            score = torch.maximum(score, (v @ pool_flat.T).max(0).values)
+            score = torch.maximum(score, (unit_rows(variants(t)) @ pool_unit.T).max(0).values)
         chosen.append(pool[int(score.argmin())])
     return torch.stack(chosen)
 
