@@ -3,6 +3,7 @@
     .venv/bin/python bench/protect_bench.py [--scale 1.0] [--repeats 3] [--workers 2] [--baseline-tree DIR]
     .venv/bin/python bench/protect_bench.py --stages          # per-image cost of each pipeline stage
     .venv/bin/python bench/protect_bench.py --em 500          # generator vs EM noise, Fashion-MNIST train set
+    .venv/bin/python bench/protect_bench.py --device cuda --scale 0.3   # the same ratios on a GPU machine
 
 For every case (28-32 px PNGs x 10k, ~0.5 MP JPEG photos x 1k, ~12 MP JPEGs x 100; `--scale` shrinks
 the counts) it runs, interleaved and repeated, in fresh child processes:
@@ -10,16 +11,18 @@ the counts) it runs, interleaved and repeated, in fresh child processes:
 - floor:   a bare pass over the same files with the same workers and formats: decode, re-encode with
            the same `EncodeOptions`, write through the same `FolderSink` (temp + fsync + rename);
            one process per worker does it all, so no pixels cross a process boundary.
-- protect: `run_protect`, what `cgan protect` runs (decode workers, generator, encode threads,
-           manifest + summary), with its default settings and `--workers`.
+- protect: `run_protect`, what `cgan protect` runs (worker processes that decode, protect and encode,
+           manifest + summary), with its default settings and `--workers`; like the CLI, the child
+           starts the workers' fork server before it imports torch itself.
 - baseline (with --baseline-tree DIR): the same, importing cgan_cli from another checkout, so that
            before/after ratios are measured under the same load.
 
 and reports median(protect wall) / median(floor wall), both measured inside the child from the
-moment work starts (interpreter start and importing torch excluded from both). The generator is
-the shipped default, weights/cgan-rgb-default.safetensors (`--weights` for another), and protect
-runs with its defaults (the manifest's linf/psnr measured in memory); `--measure-written` adds the
-re-decode of every output. The child's peak RSS is recorded, and the memory row runs the same
+moment work starts (interpreter start and importing torch excluded from both; worker start-up
+included). The generator is the shipped default, weights/cgan-rgb-default.safetensors (`--weights`
+for another), and protect runs with its defaults (the manifest's linf/psnr measured in memory);
+`--measure-written` adds the re-decode of every output. Memory is the peak PSS summed over the
+child and all its descendant processes (see TreeMemory), and the memory row runs the same
 small-image case at 1/10 of the count.
 """
 
@@ -127,11 +130,17 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
     return {"wall": time.perf_counter() - t0, "bytes": total, "n": len(jobs)}
 
 
-def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int, measure_written: bool) -> dict:
+def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int, measure_written: bool, device: str) -> dict:
+    try:  # as `cgan protect` does: the workers' fork server imports torch while this process does
+        from cgan_cli.workers import start_fork_server
+    except ImportError:  # an older tree (--baseline-tree) without it
+        start_fork_server = lambda: None  # noqa: E731
+    if workers > 0:
+        start_fork_server()
     from cgan_cli.protect import ProtectConfig, run_protect
 
     extra = {"measure_written": True} if measure_written else {}  # (older trees, for --baseline-tree, lack the field)
-    cfg = ProtectConfig((str(src),), out, weights=weights, device="cpu", workers=workers, batch_size=batch, **extra)
+    cfg = ProtectConfig((str(src),), out, weights=weights, device=device, workers=workers, batch_size=batch, **extra)
     summary = run_protect(cfg)
     return {"wall": summary.wall_seconds, "n": summary.counts["protected"], "failed": summary.counts["failed"]}
 
@@ -142,7 +151,8 @@ def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> dict
     if mode == "baseline":
         env["PYTHONPATH"] = str(args.baseline_tree)  # ahead of the editable install of this checkout
     cmd = [sys.executable, __file__, "--child", "floor" if mode == "floor" else "protect", "--src", str(src), "--out",
-           str(out), "--weights", str(args.weights), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+           str(out), "--weights", str(args.weights), "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+           "--device", args.device]
     if args.measure_written and mode != "floor":
         cmd.append("--measure-written")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
@@ -150,21 +160,73 @@ def run_child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> dict
 
 
 def child_main(args: argparse.Namespace) -> None:
+    memory = TreeMemory()
     if args.child == "floor":
         res = child_floor(Path(args.src), Path(args.out), args.workers)
     else:
-        res = child_protect(Path(args.src), Path(args.out), args.workers, Path(args.weights), args.batch_size, args.measure_written)
-    res["rss_mb"] = peak_rss_mb()
+        res = child_protect(Path(args.src), Path(args.out), args.workers, Path(args.weights), args.batch_size, args.measure_written, args.device)
+    res["rss_mb"], res["pss_mb"] = memory.stop()
     print(json.dumps(res))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across fork + exec, so a
-    child started by a parent that had imported torch would inherit the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+class TreeMemory:
+    """Peak memory of this process plus every descendant (fork server, workers), sampled every 0.25 s.
+
+    Two sums over the process tree: RSS counts the torch libraries every process maps once per
+    process; PSS splits shared pages between the processes that map them, so it is what the run
+    really costs the machine. The main process's own VmHWM is folded into the RSS peak (it cannot be
+    missed between samples).
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import threading
+
+        self.peak_rss = self.peak_pss = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        pids, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            pids.append(p)
+            for task in Path(f"/proc/{p}/task").glob("*/children"):
+                try:
+                    todo += [int(c) for c in task.read_text().split()]
+                except OSError:
+                    pass
+        return pids
+
+    @staticmethod
+    def _kb(pid: int) -> tuple[int, int]:
+        rss = pss = 0
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+        except OSError:
+            pass  # exited between listing and reading
+        return rss, pss
+
+    def _sample(self) -> None:
+        sizes = [self._kb(p) for p in self._tree(os.getpid())]
+        self.peak_rss = max(self.peak_rss, sum(r for r, _ in sizes) / 1024)
+        self.peak_pss = max(self.peak_pss, sum(p for _, p in sizes) / 1024)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._sample()
+
+    def stop(self) -> tuple[float, float]:
+        """(peak summed RSS MB, peak summed PSS MB)."""
+        self._stop.set()
+        self._thread.join()
+        own_hwm = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return max(self.peak_rss, own_hwm), self.peak_pss
 
 
 # -- stage costs (in process) ------------------------------------------------------------------
@@ -200,7 +262,7 @@ def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, fl
     return {
         "read + sha256": _ms(lambda: hashlib.sha256(sample.read()).hexdigest()),
         "decode": _ms(lambda: decode_image(data)),
-        "worker -> main pickle": _ms(lambda: ForkingPickler.loads(ForkingPickler.dumps(prepared))),
+        "worker -> main pickle (GPU layout only)": _ms(lambda: ForkingPickler.loads(ForkingPickler.dumps(prepared))),
         f"generator + noise (batch {n}, per image)": _ms(lambda: engine.protect_batch(arrays)) / n,
         "encode": _ms(lambda: encode_image(decoded, protected)),
         "fidelity in memory (manifest linf/psnr)": _ms(lambda: fidelity(decoded.pixels, protected, decoded.max_value)),
@@ -257,6 +319,7 @@ def main() -> None:
     parser.add_argument("--em-rounds", type=int, default=2, help="EM rounds timed on the subset")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="generator to time (default: the shipped RGB default)")
     parser.add_argument("--measure-written", action="store_true", help="protect with --measure-written (re-decode every output)")
+    parser.add_argument("--device", default="cpu", help="protect's --device (cuda: the GPU layout, decode workers + one engine)")
     parser.add_argument("--child", choices=["floor", "protect"], help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -296,28 +359,30 @@ def main() -> None:
                 for mode in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotate: no mode always runs first
                     res = run_child(mode, src, tmp_path / f"out-{mode}-{h}-{r}", args)
                     runs[mode].append(res)
-                    print(f"  {label} x{n} {mode} run {r}: {res['wall']:.2f} s, rss {res['rss_mb']:.0f} MB", file=sys.stderr)
+                    print(f"  {label} x{n} {mode} run {r}: {res['wall']:.2f} s, rss {res['rss_mb']:.0f} MB, pss {res['pss_mb']:.0f} MB",
+                          file=sys.stderr)
             floor = statistics.median(x["wall"] for x in runs["floor"])
             prot = statistics.median(x["wall"] for x in runs["protect"])
-            rss = max(x["rss_mb"] for x in runs["protect"])
+            rss = max(x["pss_mb"] for x in runs["protect"])
             rows.append((f"{label} x{n}", floor, prot, prot / floor, n / prot, rss))
             if args.baseline_tree:
                 base = statistics.median(x["wall"] for x in runs["baseline"])
-                base_rss = max(x["rss_mb"] for x in runs["baseline"])
+                base_rss = max(x["pss_mb"] for x in runs["baseline"])
                 rows.append((f"{label} x{n}, baseline tree", floor, base, base / floor, n / base, base_rss))
             if not args.no_memory and suffix == ".png":
                 small = max(1, n // 10)
                 src_small = tmp_path / f"src-{h}x{w}-{small}"
                 write_inputs(src_small, small, h, w, suffix)
                 res = run_child("protect", src_small, tmp_path / f"out-mem-{small}", args)
-                rows.append((f"{label} x{small} (memory check)", float("nan"), res["wall"], float("nan"), small / res["wall"], res["rss_mb"]))
-    print("| case | floor s (median) | protect s (median) | protect / floor | protect images/s | protect peak RSS MB |")
+                rows.append((f"{label} x{small} (memory check)", float("nan"), res["wall"], float("nan"), small / res["wall"], res["pss_mb"]))
+    print("| case | floor s (median) | protect s (median) | protect / floor | protect images/s | protect peak PSS MB (all processes) |")
     print("|---|---|---|---|---|---|")
     for label, floor, prot, ratio, ips, rss in rows:
         print(f"| {label} | {floor:.2f} | {prot:.2f} | {ratio:.2f} | {ips:.1f} | {rss:.0f} |")
     print(f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, python "
           f"{platform.python_version()}; workers {args.workers}, batch {args.batch_size}, "
-          f"repeats {args.repeats}, scale {args.scale}, weights {args.weights.name}, measure_written {args.measure_written}")
+          f"repeats {args.repeats}, scale {args.scale}, weights {args.weights.name}, measure_written {args.measure_written}, "
+          f"device {args.device}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def protect_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16. Reduced precision uses autocast on CUDA; CPU runs fp32.", rich_help_panel=_PERF),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per generator call (images of one working shape share a batch).", rich_help_panel=_PERF),
-    workers: int | None = typer.Option(None, "--workers", min=0, help="Decode processes, and encode threads (0 = decode in the main process). Default: min(4, CPUs).", rich_help_panel=_PERF),
+    workers: int | None = typer.Option(None, "--workers", min=0, help="Worker processes: each decodes, protects (on the CPU) and encodes its share; on a GPU they decode and the main process runs the generator (0 = all in the main process). Default: min(4, CPUs).", rich_help_panel=_PERF),
     shards: bool = typer.Option(False, "--shards", help="SRC - is a tar stream on stdin. Shard paths, brace patterns ('a-{000..127}.tar') and pipe:CMD are detected without it; --out - writes one tar stream to stdout.", rich_help_panel=_SHARDS),
     shard_size: int | None = typer.Option(None, "--shard-size", min=1, help="Re-shard: at most this many samples (keys) per output shard, named by --shard-pattern.", rich_help_panel=_SHARDS),
     shard_pattern: str = typer.Option("shard-%06d.tar", "--shard-pattern", help="Output shard names when re-sharding (ShardWriter style).", rich_help_panel=_SHARDS),
@@ -61,11 +61,16 @@ def protect_command(
 
     Exit code 0 when every input was protected or skipped (resume), 1 when any failed, 2 for usage errors.
     """
-    from cgan_cli.protect import ProtectConfig, default_workers, run_cli  # lazy: keeps `cgan --help` fast
+    from cgan_cli.workers import default_workers, start_fork_server
+
+    workers = default_workers() if workers is None else workers
+    if workers > 0 and not dry_run:
+        start_fork_server()  # the workers' torch import runs beside this process's own, just below
+    from cgan_cli.protect import ProtectConfig, run_cli  # lazy: keeps `cgan --help` fast
 
     cfg = ProtectConfig(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=precision, batch_size=batch_size,
-        workers=default_workers() if workers is None else workers, seed=seed, format=fmt, quality=quality,
+        workers=workers, seed=seed, format=fmt, quality=quality,
         full_res=full_res, dry_run=dry_run, measure_written=measure_written,
     )
     from cgan_cli.shards import ShardOptions, looks_like_shards, run_shards_cli  # issue 5: tar shards / streams
@@ -97,6 +102,7 @@ def train_cmd(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Crop + flip inside the loop.", rich_help_panel="Objective"),
     epsilon: float = typer.Option(8.0, help="L-inf budget in /255 units.", rich_help_panel="Objective"),
     size: int = typer.Option(64, help="Working resolution for folder datasets (fashion-mnist stays 28).", rich_help_panel="Data / output"),
+    width: int = typer.Option(32, min=4, help="Generator channels (first layer; the encoder doubles them three times). Protect time per image grows ~ width^2.", rich_help_panel="Data / output"),
     device: str = typer.Option("auto", help="auto | cpu | cuda", rich_help_panel="Runtime"),
     precision: str = typer.Option("fp32", help="auto | fp32 | bf16 | fp16 (autocast on CUDA only; the CPU trains fp32).", rich_help_panel="Runtime"),
     seed: int = typer.Option(0, help="Random seed (init, data order, augmentation).", rich_help_panel="Optimisation"),
@@ -119,7 +125,7 @@ def train_cmd(
     cfg = TrainConfig(
         data=data, out=out, arch=arch, epochs=epochs, code_epochs=code_epochs, batch_size=batch_size, lr_g=lr_g, lr_code=lr_code,
         lr_d=lr_d, w_ny=w_ny, w_minmin=w_minmin, w_adv=w_adv, reset_every=reset_every, augment=augment, epsilon=epsilon,
-        size=size, device=device, precision=precision, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
+        size=size, width=width, device=device, precision=precision, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
         sample_every=sample_every, command=shlex.join(["cgan", *sys.argv[1:]]),
     )
     try:

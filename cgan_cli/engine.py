@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -58,14 +59,14 @@ class EngineConfig:
     cpu_threads: int | None = None  # torch intra-op threads on the CPU; None = torch's default
 
 
-def cpu_threads_beside(workers: int) -> int:
-    """Torch threads that leave one core per decode worker (one for decoding inline with --workers 0).
+def cpu_threads_per_worker(workers: int) -> int:
+    """Torch threads for each of `workers` engine processes (all cores for one in-process engine).
 
-    Why: a torch thread pool as wide as the machine fights the decode workers and encode threads
-    for the same cores; on the 2-core bench host two spinning threads made a 32 px generator batch
-    ~45x slower than one thread (docs/performance.md).
+    Why: engines whose thread pools add up to more than the machine's cores fight each other and the
+    codecs for the same cores; on the 2-core bench host two spinning threads made a 32 px generator
+    batch ~45x slower than one thread (docs/performance.md).
     """
-    return max(1, (os.cpu_count() or 1) - max(1, workers))
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +116,16 @@ def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]
         return height, width
     scale = working_size / short
     return (max(ALIGN, round(height * scale / ALIGN) * ALIGN), max(ALIGN, round(width * scale / ALIGN) * ALIGN))
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    """A tensor view of a pixel array, read-only ones included (decoded files are: see codec._split).
+
+    The engine only reads these views, so torch's warning about non-writable arrays does not apply.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(image)
 
 
 def _ramp(length: int, overlap: int, device: torch.device) -> torch.Tensor:
@@ -265,7 +276,7 @@ class ProtectEngine:
             np.add(d, image, out=d)
             np.clip(d, 0, max_value, out=d)
             return d.astype(image.dtype)
-        x = torch.from_numpy(image).to(self.device)
+        x = _tensor(image).to(self.device)
         delta.add_(x if image.dtype == np.uint8 else x.to(torch.int32)).clamp_(0, max_value)
         out = delta.to(torch.uint8 if image.dtype == np.uint8 else torch.int32)
         return out.cpu().numpy().astype(image.dtype, copy=False)
@@ -273,7 +284,7 @@ class ProtectEngine:
     def _to_float(self, image: np.ndarray) -> torch.Tensor:
         max_value = 65535.0 if image.dtype == np.uint16 else 255.0
         # 8-bit pixels cross to the device as bytes (4x less host->device traffic than float32)
-        x = torch.from_numpy(image if image.dtype == np.uint8 else image.astype(np.float32)).to(self.device)
+        x = _tensor(image if image.dtype == np.uint8 else image.astype(np.float32)).to(self.device)
         return (x.float() / max_value).permute(2, 0, 1)[None]
 
     def _small(self, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -285,7 +296,7 @@ class ProtectEngine:
         """
         max_value = 65535.0 if image.dtype == np.uint16 else 255.0
         if image.dtype == np.uint8 and self.device.type == "cpu" and tuple(image.shape[:2]) != size:
-            x = torch.from_numpy(image).permute(2, 0, 1)[None]
+            x = _tensor(image).permute(2, 0, 1)[None]
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
             return x.float().div_(max_value).contiguous()
         return self._resize(self._to_float(image), size)

@@ -1,11 +1,15 @@
-"""`cgan protect`: the streaming pipeline source -> decode workers -> engine -> encode threads -> sink.
+"""`cgan protect`: the streaming pipeline source -> workers (decode, engine, encode) -> sink.
 
-Memory is flat in the number of inputs: samples are pulled lazily, at most max(2 x workers,
-batch_size) decodes are in flight, the engine takes chunks of `CHUNK_BATCHES x batch_size` decoded
-images (fewer when they exceed CHUNK_PIXELS; grouped by working shape inside), and at most one such
-chunk waits in the encode threads (encoding the previous chunk overlaps with computing the next;
-Pillow releases the GIL). Records come out in input order (FIFO queues keep the sequence), so an
-`ordered` sink (a tar shard) gets samples in order.
+On the CPU every worker process runs the whole pipeline on its share: decode, its own copy of the
+generator, encode, and (for a folder) the atomic write; only file names go in and manifest records
+come back, so no pixels cross a process boundary. On a GPU the workers only decode, the main
+process batches the pixels onto its one device (grouped by working shape), and encode threads
+write the results while the next chunk computes (Pillow releases the GIL).
+
+Memory is flat in the number of inputs: samples are pulled lazily and only a bounded window of them
+is in flight (two groups per worker; on a GPU at most one chunk of `CHUNK_BATCHES x batch_size`
+decoded images, fewer above CHUNK_PIXELS, waits to be encoded). Records come out in input order, so
+an `ordered` sink (a tar shard) gets samples in order.
 
 `protect_stream` is the reusable core: any iterable of `Sample`s, any `Sink`. `run_protect` wires
 it to folders/files/stdin and a `FolderSink`, and writes manifest.jsonl + summary.json under --out.
@@ -15,16 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -37,18 +41,15 @@ from cgan_cli.codec import (
     written_fidelity,
 )
 from cgan_cli.distributed import launched_by_torchrun
-from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine, cpu_threads_beside
+from cgan_cli.engine import EngineConfig, EngineError, ProtectEngine, cpu_threads_per_worker
 from cgan_cli.manifest import MANIFEST_NAME, SUMMARY_NAME, ManifestRecord, ManifestWriter, ResumeIndex, RunSummary, settings_key, write_summary
 from cgan_cli.sinks import FolderSink, Sink
 from cgan_cli.sources import Sample, UsageError, count_samples, iter_samples, validate_inputs
 from cgan_cli.weights import DEFAULT_RGB_WEIGHTS, WeightsError, file_sha256, read_meta
+from cgan_cli.workers import WorkerPool, default_workers
 
 CHUNK_BATCHES = 2  # engine chunk = this many batches: enough to group shapes, small enough to stay flat
 CHUNK_PIXELS = 48_000_000  # ...and at most about this many decoded samples (~48 MB of uint8) per chunk
-
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ProtectConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 16
-    workers: int = default_workers()  # decode processes (0 = decode in the main process); also encode threads
+    workers: int = default_workers()  # worker processes (0 = all in the main process); GPU: also encode threads
     seed: int = 0
     format: str | None = None
     quality: int | None = None
@@ -82,7 +83,7 @@ class ProtectConfig:
     def engine_config(self) -> EngineConfig:
         assert self.weights is not None, "call checked() first"
         return EngineConfig(self.weights, self.device, self.precision, self.epsilon, self.batch_size, self.full_res, self.seed,
-                            cpu_threads=cpu_threads_beside(self.workers))
+                            cpu_threads=cpu_threads_per_worker(self.workers))
 
     def encode_options(self) -> EncodeOptions:
         return EncodeOptions(self.format, self.quality, self.measure_written)
@@ -96,8 +97,11 @@ def _base_record(item: Prepared, status: str) -> ManifestRecord:
     return rec
 
 
-def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions, sink: Sink, t_engine: float) -> tuple[ManifestRecord, bytes | None]:
-    """Encode stage (runs in a thread): encode, measure the change, write if unordered."""
+Finished = tuple[ManifestRecord, "bytes | None"]  # a record, and the payload when the caller must write it
+
+
+def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions, sink: Sink | None, t_engine: float) -> Finished:
+    """Encode stage: encode, measure the change, write to `sink` if given (else hand the payload back)."""
     t0 = time.perf_counter()
     if item.error is not None or item.skip is not None:
         rec = _base_record(item, "failed" if item.error is not None else "skipped")
@@ -116,7 +120,7 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
             if options.measure_written:
                 rec.written_linf, rec.written_psnr = written_fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
         rec.bytes_out, rec.sha256_out = len(payload), hashlib.sha256(payload).hexdigest()
-        if not sink.ordered:
+        if sink is not None:
             rec.output = sink.write(item.sample, payload)
             payload = None
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
@@ -127,16 +131,32 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
     return rec, payload
 
 
-class InlineExecutor(Executor):
-    """--workers 0: decode in the calling process (debugging, tiny runs, environments without fork/spawn)."""
+def protect_items(engine: ProtectEngine, items: list[Prepared]) -> list[tuple[np.ndarray | None, float]]:
+    """The generator over every decoded item: (protected pixels or None, engine seconds per item)."""
+    todo = [item for item in items if item.decoded is not None and item.skip is None and item.error is None]
+    t0 = time.perf_counter()
+    protected = engine.protect_batch([item.decoded.pixels for item in todo]) if todo else []  # type: ignore[union-attr]
+    share = (time.perf_counter() - t0) / max(1, len(todo))
+    by_item = {id(item): arr for item, arr in zip(todo, protected)}
+    return [(by_item[id(item)], share) if id(item) in by_item else (None, 0.0) for item in items]
 
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001
-            fut.set_exception(exc)
-        return fut
+
+_WORKER_ENGINE: dict[EngineConfig, ProtectEngine] = {}  # this process's engine, by the config it was built from
+
+
+def protect_group(engine: ProtectEngine | EngineConfig, options: EncodeOptions, sink: Sink | None, jobs: list[tuple]) -> list[Finished]:
+    """The whole pipeline for a group of samples inside one process: decode, generator, encode, write.
+
+    In a worker process `engine` is the run's EngineConfig: the worker builds its engine on its first
+    group and keeps it; with --workers 0 it is the caller's engine itself.
+    """
+    if isinstance(engine, EngineConfig):
+        if engine not in _WORKER_ENGINE:
+            _WORKER_ENGINE.clear()
+            _WORKER_ENGINE[engine] = ProtectEngine(engine)
+        engine = _WORKER_ENGINE[engine]
+    items = prepare_group(jobs)
+    return [finish(item, arr, options, sink, seconds) for item, (arr, seconds) in zip(items, protect_items(engine, items))]
 
 
 def _done(value) -> Future:
@@ -145,50 +165,7 @@ def _done(value) -> Future:
     return fut
 
 
-class DecodePool:
-    """Decode workers that survive a crashing decoder.
-
-    Work goes to the workers in groups of samples (one round trip each). A malformed file can kill
-    a worker process (a native decoder bug); the pool then breaks and every pending future fails.
-    The broken group's samples are rerun one at a time on a fresh pool: one that breaks that pool
-    too is the culprit and fails with a clear error; the caller resubmits the other groups in flight.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.pool = self._new()
-
-    def _new(self) -> Executor:
-        if self.workers <= 0:
-            return InlineExecutor()
-        # spawn, not fork: the main process runs torch threads, and forking those can deadlock.
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
-
-    def submit(self, jobs: list[tuple]) -> Future:
-        return self.pool.submit(prepare_group, jobs)
-
-    def restart(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._new()
-
-    def results(self, fut: Future, jobs: list[tuple]) -> list[Prepared]:
-        try:
-            return fut.result()
-        except BrokenProcessPool:
-            self.restart()
-            return [self._alone(job) for job in jobs]
-
-    def _alone(self, job: tuple) -> Prepared:
-        try:
-            return self.submit([job]).result()[0]
-        except BrokenProcessPool:
-            self.restart()
-            return Prepared(job[0], error="the decoder process crashed on this file (corrupt or hostile data)")
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
+Guard = Callable[[Sample], "str | None"]  # a reason to refuse a sample before it is read, or None
 GROUP_BYTES = 1 << 20  # a group closes at this many input bytes: a photo travels alone, small files together
 
 
@@ -201,22 +178,25 @@ def _input_size(sample: Sample) -> int:
         return 0  # unreadable: prepare() reports it
 
 
-def _prepared_in_order(
+def _in_order(
     samples: Iterable[Sample],
-    pool: DecodePool,
+    pool: WorkerPool,
     window: int,
     resume: ResumeIndex,
     sink: Sink,
     options: EncodeOptions,
-    guard: Callable[[Sample], str | None] | None,
-    group_files: int = 1,
-) -> Iterator[Prepared]:
-    """Submit decodes lazily, at most `window` samples in flight, and yield results in input order.
+    guard: Guard | None,
+    group_files: int,
+    settle: Callable[[Prepared], Any],
+) -> Iterator[tuple[Sample, Any]]:
+    """Submit groups of samples to the pool lazily, at most `window` samples in flight; yield
+    (sample, the pool task's result for it) in input order.
 
-    Consecutive samples share one worker round trip, up to `group_files` files and GROUP_BYTES
-    (so a big photo travels alone and small files in groups).
+    Consecutive samples share one worker round trip, up to `group_files` files and GROUP_BYTES (so a
+    big photo travels alone and small files in groups). Samples settled here without the pool
+    (refused, colliding, in-memory passthrough) get `settle(Prepared)` as their result.
     """
-    inflight: deque[tuple[list[tuple], Future]] = deque()  # (jobs, future of their results); no jobs: result known
+    inflight: deque[tuple[list[Sample], list[tuple], Future]] = deque()  # (samples, jobs, future of results); no jobs: settled
     seen: dict[str, str] = {}
     group: list[tuple] = []
     group_bytes = queued = 0
@@ -224,23 +204,23 @@ def _prepared_in_order(
     def flush() -> None:
         nonlocal group, group_bytes
         if group:
-            inflight.append((group, pool.submit(group)))
+            inflight.append(([job[0] for job in group], group, pool.submit(group)))
             group, group_bytes = [], 0
 
-    def known(result: Prepared) -> None:
+    def known(item: Prepared) -> None:
         flush()  # keep input order
-        inflight.append(([], _done([result])))
+        inflight.append(([item.sample], [], _done([settle(item)])))
 
-    def pop() -> list[Prepared]:
+    def pop() -> list[tuple[Sample, Any]]:
         nonlocal queued
-        jobs, fut = inflight.popleft()
+        batch, jobs, fut = inflight.popleft()
         generation = pool.pool
         results = pool.results(fut, jobs) if jobs else fut.result()
         if pool.pool is not generation:  # the pool was replaced: everything still in flight was lost
-            for i, (j, f) in enumerate(inflight):
-                inflight[i] = (j, pool.submit(j) if j else f)  # known results were never in the pool
+            for i, (s, j, f) in enumerate(inflight):
+                inflight[i] = (s, j, pool.submit(j) if j else f)  # settled results were never in the pool
         queued -= len(results)
-        return results
+        return list(zip(batch, results))
 
     for sample in samples:
         if not sample.passthrough:  # --format renames images only; a tar's .cls/.json keep their names
@@ -283,6 +263,49 @@ def _chunks(items: Iterator[Prepared], size: int, max_pixels: int = CHUNK_PIXELS
         yield chunk
 
 
+def _finished_in_workers(samples: Iterable[Sample], engine: ProtectEngine, options: EncodeOptions, out_sink: Sink | None,
+                         workers: int, resume: ResumeIndex, sink: Sink, guard: Guard | None) -> Iterator[tuple[Sample, Finished]]:
+    """CPU: every worker process runs the whole pipeline on its groups; no pixels cross processes."""
+    settle = lambda item: finish(item, None, options, out_sink, 0.0)  # noqa: E731
+    task = partial(protect_group, engine if workers <= 0 else engine.cfg, options, out_sink)
+    pool = WorkerPool(workers, task, lambda job, why: settle(Prepared(job[0], error=why)))
+    group = engine.cfg.batch_size  # small files: one generator batch per round trip
+    try:
+        yield from _in_order(samples, pool, 2 * max(1, workers) * group, resume, sink, options, guard, group, settle)
+    finally:
+        pool.shutdown()
+
+
+def _finished_on_device(samples: Iterable[Sample], engine: ProtectEngine, options: EncodeOptions, out_sink: Sink | None,
+                        workers: int, resume: ResumeIndex, sink: Sink, guard: Guard | None) -> Iterator[tuple[Sample, Finished]]:
+    """GPU: decode workers -> the main process batches pixels onto its one device -> encode threads.
+
+    At most one chunk waits in the encode threads: encoding the previous chunk overlaps computing
+    the next (Pillow releases the GIL).
+    """
+    threads = max(1, workers)
+    batch = engine.cfg.batch_size
+    pool = WorkerPool(workers, prepare_group, lambda job, why: Prepared(job[0], error=why))
+    encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cgan-encode")
+    pending: deque[tuple[Sample, Future]] = deque()
+    try:
+        window = max(2 * threads, batch)
+        group_files = max(1, window // (2 * threads))  # two groups per worker in flight
+        decoded = (item for _, item in _in_order(samples, pool, window, resume, sink, options, guard, group_files, lambda item: item))
+        for chunk in _chunks(decoded, batch * CHUNK_BATCHES):
+            for item, (arr, seconds) in zip(chunk, protect_items(engine, chunk)):
+                pending.append((item.sample, encoders.submit(finish, item, arr, options, out_sink, seconds)))
+                while pending and (len(pending) > len(chunk) or pending[0][1].done()):
+                    sample, fut = pending.popleft()
+                    yield sample, fut.result()
+        while pending:
+            sample, fut = pending.popleft()
+            yield sample, fut.result()
+    finally:
+        encoders.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown()
+
+
 def protect_stream(
     samples: Iterable[Sample],
     sink: Sink,
@@ -291,21 +314,23 @@ def protect_stream(
     on_record: Callable[[ManifestRecord], None],
     workers: int = 0,
     resume: ResumeIndex | None = None,
-    guard: Callable[[Sample], str | None] | None = None,
+    guard: Guard | None = None,
+    engine_in_workers: bool | None = None,
 ) -> None:
-    """Run every sample through decode -> engine -> encode -> sink; `on_record` gets records in input order."""
+    """Run every sample through decode -> engine -> encode -> sink; `on_record` gets records in input order.
+
+    Where the generator runs: in every worker process on the CPU (`engine_in_workers`, default: the
+    engine's device is the CPU), in the main process on a GPU. An unordered sink (a folder) is
+    written where the payload is made; an ordered one (a tar shard) here, in input order.
+    """
     resume = resume or ResumeIndex()
     settings = run_settings(engine, options)
-    threads = max(1, workers)
-    batch = engine.cfg.batch_size
-    chunk_size = batch * CHUNK_BATCHES
-    pending: deque[tuple[Sample, Future]] = deque()
-
-    def drain(limit: int) -> None:
-        """Emit finished records in input order; block only while more than `limit` are queued."""
-        while pending and (len(pending) > limit or pending[0][1].done()):
-            sample, fut = pending.popleft()
-            rec, payload = fut.result()
+    out_sink = None if sink.ordered else sink
+    in_workers = engine.device.type == "cpu" if engine_in_workers is None else engine_in_workers
+    run = _finished_in_workers if in_workers else _finished_on_device
+    finished = run(samples, engine, options, out_sink, workers, resume, sink, guard)
+    try:
+        for sample, (rec, payload) in finished:
             if payload is not None:  # ordered sink: written here, in input order
                 try:
                     rec.output = sink.write(sample, payload)
@@ -313,27 +338,8 @@ def protect_stream(
                     rec.status, rec.error = "failed", f"cannot write output: {exc}"
             rec.settings = settings
             on_record(rec)
-
-    pool = DecodePool(workers)
-    encoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cgan-encode")
-    try:
-        window = max(2 * threads, batch)
-        group_files = max(1, window // (2 * threads))  # two groups per worker in flight
-        stream = _prepared_in_order(samples, pool, window, resume, sink, options, guard, group_files)
-        for chunk in _chunks(stream, chunk_size):
-            todo = [item for item in chunk if item.decoded is not None and item.skip is None and item.error is None]
-            t0 = time.perf_counter()
-            protected = engine.protect_batch([item.decoded.pixels for item in todo]) if todo else []  # type: ignore[union-attr]
-            share = (time.perf_counter() - t0) / max(1, len(todo))
-            by_item = {id(item): arr for item, arr in zip(todo, protected)}
-            for item in chunk:
-                arr = by_item.get(id(item))
-                pending.append((item.sample, encoders.submit(finish, item, arr, options, sink, share if arr is not None else 0.0)))
-                drain(len(chunk))  # one chunk may encode while the engine computes the next
-        drain(0)
     finally:
-        encoders.shutdown(wait=True, cancel_futures=True)
-        pool.shutdown()
+        finished.close()
     sink.close()
 
 

@@ -2,8 +2,10 @@
 
 The pipeline calls `write(sample, payload)` once per finished sample and `close()` at the end. A
 sink that must receive samples in input order (a tar shard) sets `ordered = True`; the pipeline then
-calls `write` from one thread in input order. An unordered sink (a folder) may be written from the
-encode threads, concurrently. `exists(rel_out)` lets a rerun skip outputs that are already there.
+calls `write` from one thread of the main process, in input order. An unordered sink (a folder) is
+written where each payload is made, concurrently: by the worker processes (CPU) or the encode
+threads (GPU). So it must be picklable and keep no state but the file system.
+`exists(rel_out)` lets a rerun skip outputs that are already there.
 """
 
 from __future__ import annotations

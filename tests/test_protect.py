@@ -23,6 +23,7 @@ from cgan_cli.codec import EncodeOptions, decode_image
 from cgan_cli.engine import TILE, EngineConfig, ProtectEngine
 from cgan_cli.manifest import ManifestRecord, read_records
 from cgan_cli.protect import protect_stream
+from cgan_cli.sinks import FolderSink
 from cgan_cli.sources import Sample
 from conftest import BAD, EPSILON, GOOD, MAKE_TAG, ORIENTATION_TAG, smooth_rgb
 
@@ -333,3 +334,65 @@ def test_folder_mode_under_torchrun_is_refused(tmp_path: Path, rgb_weights: Path
     res = _run(str(src), "--out", str(tmp_path / "o"), "--weights", str(rgb_weights))
     assert res.exit_code == 2 and "torchrun" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_engine_placement_does_not_change_outputs(tmp_path: Path, rgb_weights: Path) -> None:
+    """CPU workers that each run the generator, everything in one process, and the GPU layout (decode
+    workers -> one engine in the main process -> encode threads, run here on the CPU) must write the
+    same files and the same manifest, for a folder sink (written in the workers) and an ordered sink."""
+    photos = Path(__file__).resolve().parent.parent / "examples" / "photos"
+    samples = [Sample(id=p.name, rel_out=p.name, path=p) for p in sorted(photos.iterdir()) if p.suffix != ".md"]
+    engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", batch_size=2))
+    layouts = {"in workers": dict(workers=2), "one process": dict(workers=0), "main engine": dict(workers=2, engine_in_workers=False)}
+    folders, ordered = {}, {}
+    for name, kwargs in layouts.items():
+        records: list[ManifestRecord] = []
+        protect_stream(samples, FolderSink(tmp_path / name), engine, EncodeOptions(), records.append, **kwargs)
+        assert [r.status for r in records] == ["protected"] * len(samples), [r.error for r in records]
+        folders[name] = ([(r.source, r.output, r.sha256_out, r.linf, r.psnr) for r in records], _tree_hashes(tmp_path / name))
+        sink = ListSink()
+        protect_stream(samples, sink, engine, EncodeOptions(), lambda rec: None, **kwargs)
+        ordered[name] = sink.items
+    assert len(folders["in workers"][1]) == len(samples)
+    assert folders["in workers"] == folders["one process"] == folders["main engine"]
+    assert ordered["in workers"] == ordered["one process"] == ordered["main engine"]
+    assert {name: hashlib.sha256(payload).hexdigest() for name, payload in ordered["in workers"]} == folders["in workers"][1]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            kids = [int(c) for c in children.read_text().split()]
+            found += kids
+            todo += kids
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    except OSError:
+        return False
+
+
+def test_workers_exit_when_the_main_process_is_killed(tmp_path: Path, rgb_weights: Path) -> None:
+    """SIGKILL of `cgan protect` alone (no process group kill) must not leave its workers running."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(400):
+        Image.fromarray(smooth_rgb(64, 64, i)).save(src / f"{i:04d}.png", compress_level=1)
+    out = tmp_path / "out"
+    cmd = [str(CGAN), "protect", str(src), "--out", str(out), "--weights", str(rgb_weights), "--workers", "2", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "manifest.jsonl").is_file() and (out / "manifest.jsonl").read_bytes().count(b"\n") >= 5):
+        time.sleep(0.01)
+    helpers = _descendants(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert len(helpers) >= 3, helpers  # fork server + 2 workers (+ resource tracker)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_running(p) for p in helpers):
+        time.sleep(0.1)
+    assert not [p for p in helpers if _running(p)], "worker processes outlived the killed main process"

@@ -1,0 +1,130 @@
+"""Worker processes for the protect pipeline: a process pool that survives crashing decoders.
+
+Two kinds of pools run here (protect.py picks):
+- *protect* workers (CPU): each process decodes, runs its own copy of the generator, encodes and
+  writes. Pixels never cross a process boundary: pickling a 12 MP image to the main process and back
+  cost more CPU than the generator itself (docs/performance.md).
+- *decode* workers (GPU): processes that only decode; the main process batches the pixels onto its
+  one device.
+
+Both start from one fork server that imported torch and cgan once, so a worker costs a fork, not a
+second one-second torch import. This module imports neither: the CLI calls `start_fork_server()`
+before it imports torch itself, so the two imports overlap.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+FORK_SERVER_PRELOAD = ["cgan_cli.protect"]  # what every protect worker needs: torch, the engine, Pillow
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def start_method() -> str:
+    """forkserver where the platform has it (Linux, macOS), else spawn.
+
+    Not fork: the main process may already run torch / OpenMP threads, and a forked copy of those can
+    deadlock. The fork server is a fresh single-threaded process that imports FORK_SERVER_PRELOAD once.
+    """
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def start_fork_server() -> None:
+    """Start the fork server (and its torch import) now, in the background; idempotent."""
+    if start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
+    forkserver.ensure_running()
+
+
+def exit_with(parent: int, interval: float = 1.0) -> None:
+    """Worker initializer: exit when the main process is gone (a SIGKILL, an OOM kill).
+
+    Why: a pool worker waits on its task queue forever, and a killed parent never sends the
+    shutdown; the orphans (and the fork server they keep alive) would hold a torch process each.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # the pid exists (reused by another user's process is unlikely; keep waiting)
+
+    threading.Thread(target=watch, name="cgan-exit-with-parent", daemon=True).start()
+
+
+class InlineExecutor(Executor):
+    """--workers 0: run tasks in the calling process (debugging, tiny runs, no fork/spawn available)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001
+            fut.set_exception(exc)
+        return fut
+
+
+CRASHED = "the decoder process crashed on this file (corrupt or hostile data)"
+
+
+class WorkerPool:
+    """Processes that run `task(jobs) -> results` (one result per job) and survive a crashing decoder.
+
+    Work goes to the workers in groups of jobs (one round trip each). A malformed file can kill a
+    worker process (a native decoder bug); the pool then breaks and every pending future fails. The
+    broken group's jobs are rerun one at a time on a fresh pool: one that breaks that pool too is the
+    culprit and gets `crashed(job, CRASHED)`; the caller resubmits the other groups in flight.
+    """
+
+    def __init__(self, workers: int, task: Callable[[list[tuple]], list], crashed: Callable[[tuple, str], Any]) -> None:
+        self.workers, self.task, self.crashed = workers, task, crashed
+        if workers > 0:
+            start_fork_server()
+        self.pool = self._new()
+
+    def _new(self) -> Executor:
+        if self.workers <= 0:
+            return InlineExecutor()
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context(start_method()),
+                                   initializer=exit_with, initargs=(os.getpid(),))
+
+    def submit(self, jobs: list[tuple]) -> Future:
+        return self.pool.submit(self.task, jobs)
+
+    def restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._new()
+
+    def results(self, fut: Future, jobs: list[tuple]) -> list:
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            self.restart()
+            return [self._alone(job) for job in jobs]
+
+    def _alone(self, job: tuple) -> Any:
+        try:
+            return self.submit([job]).result()[0]
+        except BrokenProcessPool:
+            self.restart()
+            return self.crashed(job, CRASHED)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
