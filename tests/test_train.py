@@ -47,11 +47,12 @@ def test_cli_train_writes_loadable_generator_within_epsilon(folder: Path, tmp_pa
     out = tmp_path / "g.safetensors"
     result = CliRunner().invoke(app, [
         "train", str(folder), "--out", str(out), "--epochs", "1", "--code-epochs", "1", "--batch-size", "8",
-        "--size", str(SIDE), "--epsilon", "6", "--sample-every", "2", "--seed", "1", "--device", "cpu",
+        "--size", str(SIDE), "--epsilon", "6", "--sample-every", "2", "--seed", "1", "--device", "cpu", "--width", "8",
     ])
     assert result.exit_code == 0, result.output
     gen, meta = load_generator(out)
     assert (meta.channels, meta.num_classes, meta.working_size, meta.epsilon) == (3, 2, SIDE, 6.0)
+    assert meta.arch_params["width"] == 8 and meta.recipe["width"] == 8
     assert meta.class_names == ["bright", "striped"]
     assert meta.dataset["size"] == 16 and len(meta.dataset["fingerprint"]) == 64
     assert meta.recipe["objective"] and meta.recipe["w_minmin"] == 1.0 and meta.seed == 1

@@ -96,3 +96,22 @@ def test_save_is_atomic_and_meta_survives(tmp_path: Path) -> None:
     save_generator(path, model, meta)
     assert read_meta(path) == replace(meta)
     assert [p.name for p in path.parent.iterdir()] == ["g.safetensors"]  # no temp file left behind
+
+
+def test_every_shipped_generator_loads_and_is_documented() -> None:
+    """What weights/ ships must load (safetensors, no pickle), bound its noise, carry its training
+    record, and appear in weights/README.md under its name with its exact sha256."""
+    from cgan_cli.weights import DEFAULT_RGB_WEIGHTS, file_sha256
+
+    root = DEFAULT_RGB_WEIGHTS.parent
+    readme = (root / "README.md").read_text()
+    files = sorted(root.glob("*.safetensors"))
+    assert DEFAULT_RGB_WEIGHTS in files
+    for path in files:
+        gen, meta = load_generator(path)
+        assert f"## {path.name}" in readme and file_sha256(path) in readme, path.name
+        metrics = json.loads(path.with_name(path.name.replace(".safetensors", ".metrics.json")).read_text())
+        assert metrics["code_train_accuracy"] >= 0.99 and metrics["noise_linf_255"] <= meta.epsilon + 1e-4
+        with torch.no_grad():
+            out = gen(torch.rand(2, meta.channels, meta.working_size, meta.working_size))
+        assert out.abs().max() <= 1.0 and out.abs().max() > 0.5  # tanh-bounded, not trivially zero
