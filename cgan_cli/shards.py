@@ -293,6 +293,18 @@ class Reshard:
     first: int = 0
     step: int = 1
 
+    def stale_after(self, out: Path, last: int) -> list[Path]:
+        """Shards of an earlier run numbered after this run's `last` one, in this rank's sequence.
+
+        Why: re-sharding never resumes, it rewrites from the first name; an earlier run that wrote more
+        shards would otherwise leave its tail beside the new ones, old samples doubled in the dataset.
+        """
+        stale, index = [], last + self.step
+        while (path := Path(out) / (self.pattern % index)).is_file():
+            stale.append(path)
+            index += self.step
+        return stale
+
 
 class _ShardFile:
     """An output shard being written: under a temp name until `commit` renames it and writes the marker."""
@@ -342,6 +354,11 @@ class ShardSink:
 
     def exists(self, rel_out: str) -> bool:
         return False  # resume is per shard (done markers), decided before a shard is read
+
+    @property
+    def last_index(self) -> int:
+        """Re-sharding: the index of the last shard written (first - step when none was)."""
+        return self._index
 
     def write(self, sample: Sample, payload: bytes) -> str:
         name, member = sample.rel_out.split("/", 1)
@@ -433,6 +450,7 @@ class ShardRunSummary(RunSummary):
     shards: dict[str, int] = field(default_factory=lambda: {"done": 0, "skipped": 0, "failed": 0})
     failed_shards: list[dict[str, str]] = field(default_factory=list)
     world_size: int = 1
+    stale_removed: list[str] = field(default_factory=list)  # re-sharding: an earlier run's extra shards, deleted
 
     @property
     def exit_code(self) -> int:
@@ -544,6 +562,10 @@ def run_protect_shards(
     t0 = time.perf_counter()
     try:
         protect_stream(shard_samples(todo, ledger), sink, engine, cfg.encode_options(), record, cfg.workers, guard=refuse_hostile)
+        if reshard is not None and out is not None:
+            for stale in reshard.stale_after(out, sink.last_index):
+                stale.unlink()
+                summary.stale_removed.append(stale.name)
     finally:
         if manifest is not None:
             manifest.close()
@@ -567,6 +589,7 @@ def merge_summaries(parts: list[ShardRunSummary]) -> ShardRunSummary:
             merged.shards[key] = merged.shards.get(key, 0) + value
         merged.total += part.total
         merged.failed_shards.extend(part.failed_shards)
+        merged.stale_removed.extend(part.stale_removed)
         merged.wall_seconds = max(merged.wall_seconds, part.wall_seconds)
     merged.device = ",".join(dict.fromkeys(p.device for p in parts))
     merged.images_per_second = round(merged.counts["protected"] / max(merged.wall_seconds, 1e-9), 3)
@@ -620,4 +643,7 @@ def run_shards_cli(cfg: ProtectConfig, opts: ShardOptions, json_out: bool = Fals
             c, s = summary.counts, summary.shards
             err.print(f"shards: {s['done']} written, {s['skipped']} already done, {s['failed']} failed; members: "
                       f"protected {c['protected']}, passed through {c['skipped']}, failed {c['failed']} -> {cfg.out}", markup=False)
+            if summary.stale_removed:
+                err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
+                          + ", ".join(sorted(summary.stale_removed)), markup=False)
     return summary.exit_code

@@ -225,3 +225,21 @@ def test_labeled_shards_feed_train_and_verify(tmp_path):
     assert len(data) == 6  # the x.left.png sample has no cls: skipped, as a webdataset pipeline would
     assert data.labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert tuple(data.pixels.shape) == (6, 3, 16, 16)
+
+
+def test_resharding_again_removes_the_earlier_runs_extra_shards(tmp_path, rgb_weights):
+    """A second re-shard into the same folder with bigger shards must not leave the first run's tail
+    (its samples would be in the dataset twice)."""
+    shard = write_tar(tmp_path / "in.tar", sample_members(0, count=3))
+    out = tmp_path / "out"
+    common = (str(shard), "--out", str(out), "-w", str(rgb_weights), "--shard-pattern", "part-%03d.tar")
+    assert protect(*common, "--shard-size", "1").exit_code == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"part-{i:03d}.tar" for i in range(4)]
+    (out / "part-009.tar").write_bytes(b"not part of the sequence: kept")
+    result = protect(*common, "--shard-size", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["part-000.tar", "part-001.tar", "part-009.tar"]
+    keys = [x["__key__"] for x in read_wds([str(out / "part-000.tar"), str(out / "part-001.tar")])]
+    assert keys == ["s0/0000", "s0/0001", "s0/0002", "s0/x"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["stale_removed"]) == ["part-002.tar", "part-003.tar"]
