@@ -34,7 +34,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
 from cgan_cli import __version__
-from cgan_cli.distributed import DistContext, gather_objects, init_distributed, rank_share, shutdown
+from cgan_cli.distributed import DistContext, gather_objects, init_distributed, launched_by_torchrun, rank_share, shutdown
 from cgan_cli.engine import ProtectEngine
 from cgan_cli.manifest import MANIFEST_NAME, SUMMARY_NAME, ManifestRecord, ManifestWriter, RunSummary, write_summary
 from cgan_cli.protect import ProtectConfig, protect_stream
@@ -579,6 +579,23 @@ def run_protect_shards(
     return merged
 
 
+def dry_run_shards(cfg: ProtectConfig, opts: ShardOptions, emit: Callable[[str], None]) -> dict[str, int]:
+    """--dry-run with shards: per input shard, `protect` or `skip` (done marker), the source and where
+    it would go. Reads no member: what a shard holds is only known by reading it."""
+    if launched_by_torchrun():
+        raise UsageError("--dry-run runs in one process; drop torchrun")
+    cfg = cfg.checked()
+    to_stdout = str(cfg.out) == "-"
+    resume = not to_stdout and opts.shard_size is None
+    counts = {"protect": 0, "skip": 0}
+    for url, name in plan_shards(cfg, opts, world_size=1):
+        action = "skip" if resume and url != "-" and is_done(Path(cfg.out), name) else "protect"
+        counts[action] += 1
+        target = "-" if to_stdout else str(Path(cfg.out) / (opts.shard_pattern + " (re-sharded)" if opts.shard_size else name))
+        emit(f"{action}\t{url}\t{target}")
+    return counts
+
+
 def merge_summaries(parts: list[ShardRunSummary]) -> ShardRunSummary:
     """One summary for the whole run: counts add up, wall time is the slowest rank's."""
     merged = ShardRunSummary.from_json(parts[0].to_json())
@@ -617,8 +634,14 @@ def run_shards_cli(cfg: ProtectConfig, opts: ShardOptions, json_out: bool = Fals
 
     err = Console(stderr=True, highlight=False)
     if cfg.dry_run:
-        err.print("cgan protect: error: --dry-run is not available for shard inputs", markup=False)
-        return 2
+        try:
+            counts = dry_run_shards(cfg, opts, emit=(lambda line: None) if json_out else print)
+        except (UsageError, WeightsError) as exc:
+            err.print(f"cgan protect: error: {exc}", markup=False)
+            return 2
+        if json_out:
+            print(json.dumps({"dry_run": True, "shards": counts}, separators=(",", ":")))
+        return 0
     ctx = init_distributed(cfg.device)
     try:
         summary = run_protect_shards(

@@ -243,3 +243,18 @@ def test_resharding_again_removes_the_earlier_runs_extra_shards(tmp_path, rgb_we
     assert keys == ["s0/0000", "s0/0001", "s0/0002", "s0/x"]
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["stale_removed"]) == ["part-002.tar", "part-003.tar"]
+
+
+def test_dry_run_lists_shards_to_protect_and_skip_and_writes_nothing(tmp_path, rgb_weights):
+    shards = [write_tar(tmp_path / f"in-{i}.tar", sample_members(i, count=1)) for i in range(2)]
+    out = tmp_path / "out"
+    assert protect(str(shards[0]), "--out", str(out), "-w", str(rgb_weights)).exit_code == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    pattern = str(tmp_path / "in-{0..1}.tar")
+    dry = protect(pattern, "--out", str(out), "-w", str(rgb_weights), "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = [line.split("\t") for line in dry.stdout.splitlines()]
+    assert lines == [["skip", str(shards[0]), str(out / "in-0.tar")], ["protect", str(shards[1]), str(out / "in-1.tar")]]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    as_json = protect(pattern, "--out", str(out), "-w", str(rgb_weights), "--dry-run", "--json")
+    assert json.loads(as_json.stdout) == {"dry_run": True, "shards": {"protect": 1, "skip": 1}}
