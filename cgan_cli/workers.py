@@ -64,7 +64,7 @@ def exit_with(parent: int, interval: float = 1.0) -> None:
             except ProcessLookupError:
                 os._exit(1)
             except PermissionError:
-                pass  # the pid exists (reused by another user's process is unlikely; keep waiting)
+                pass  # the pid exists, under another user: not ours to judge; keep waiting
 
     threading.Thread(target=watch, name="cgan-exit-with-parent", daemon=True).start()
 
