@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -179,8 +180,6 @@ class TreeMemory:
     """
 
     def __init__(self, interval: float = 0.25) -> None:
-        import threading
-
         self.peak_rss = self.peak_pss = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
