@@ -7,8 +7,9 @@ process batches the pixels onto its one device (grouped by working shape), and e
 write the results while the next chunk computes (Pillow releases the GIL).
 
 Memory is flat in the number of inputs: samples are pulled lazily and only a bounded window of them
-is in flight (two groups per worker; on a GPU at most one chunk of `CHUNK_BATCHES x batch_size`
-decoded images, fewer above CHUNK_PIXELS, waits to be encoded). Records come out in input order, so
+is in flight (two groups per worker, and about HELD_BYTES of in-memory tar members; on a GPU at most
+one chunk of `CHUNK_BATCHES x batch_size` decoded images, fewer above CHUNK_PIXELS, waits to be
+encoded). Records come out in input order, so
 an `ordered` sink (a tar shard) gets samples in order.
 
 `protect_stream` is the reusable core: any iterable of `Sample`s, any `Sink`. `run_protect` wires
@@ -167,6 +168,7 @@ def _done(value) -> Future:
 
 Guard = Callable[[Sample], "str | None"]  # a reason to refuse a sample before it is read, or None
 GROUP_BYTES = 1 << 20  # a group closes at this many input bytes: a photo travels alone, small files together
+HELD_BYTES = 64 << 20  # at most about this many bytes of in-memory inputs (tar members) in flight
 
 
 def _input_size(sample: Sample) -> int:
@@ -189,8 +191,8 @@ def _in_order(
     group_files: int,
     settle: Callable[[Prepared], Any],
 ) -> Iterator[tuple[Sample, Any]]:
-    """Submit groups of samples to the pool lazily, at most `window` samples in flight; yield
-    (sample, the pool task's result for it) in input order.
+    """Submit groups of samples to the pool lazily, at most `window` samples (and about HELD_BYTES of
+    in-memory tar members) in flight; yield (sample, the pool task's result for it) in input order.
 
     Consecutive samples share one worker round trip, up to `group_files` files and GROUP_BYTES (so a
     big photo travels alone and small files in groups). Samples settled here without the pool
@@ -199,7 +201,7 @@ def _in_order(
     inflight: deque[tuple[list[Sample], list[tuple], Future]] = deque()  # (samples, jobs, future of results); no jobs: settled
     seen: dict[str, str] = {}
     group: list[tuple] = []
-    group_bytes = queued = 0
+    group_bytes = queued = held = 0
 
     def flush() -> None:
         nonlocal group, group_bytes
@@ -212,7 +214,7 @@ def _in_order(
         inflight.append(([item.sample], [], _done([settle(item)])))
 
     def pop() -> list[tuple[Sample, Any]]:
-        nonlocal queued
+        nonlocal queued, held
         batch, jobs, fut = inflight.popleft()
         generation = pool.pool
         results = pool.results(fut, jobs) if jobs else fut.result()
@@ -220,6 +222,7 @@ def _in_order(
             for i, (s, j, f) in enumerate(inflight):
                 inflight[i] = (s, j, pool.submit(j) if j else f)  # settled results were never in the pool
         queued -= len(results)
+        held -= sum(len(s.data) for s in batch if s.data is not None)
         return list(zip(batch, results))
 
     for sample in samples:
@@ -241,7 +244,8 @@ def _in_order(
                 if len(group) >= group_files or group_bytes >= GROUP_BYTES:
                     flush()
         queued += 1
-        while queued >= window:
+        held += len(sample.data) if sample.data is not None else 0
+        while queued >= window or held >= HELD_BYTES:
             flush()
             yield from pop()
     flush()

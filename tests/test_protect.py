@@ -396,3 +396,26 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path: Path, rgb_weight
     while time.time() < deadline and any(_running(p) for p in helpers):
         time.sleep(0.1)
     assert not [p for p in helpers if _running(p)], "worker processes outlived the killed main process"
+
+
+def test_in_memory_inputs_in_flight_are_bounded_by_bytes(rgb_weights: Path, monkeypatch) -> None:
+    """Tar members travel as bytes: the pipeline pulls the next one only when those in flight hold
+    under HELD_BYTES (here 1 byte: one member at a time), and still emits everything in order."""
+    import io
+
+    monkeypatch.setattr(protect_mod, "HELD_BYTES", 1)
+    emitted: list[str] = []
+    ahead: list[int] = []
+
+    def samples():
+        for i in range(6):
+            ahead.append(i - len(emitted))  # members pulled but not yet emitted, before pulling this one
+            buf = io.BytesIO()
+            Image.fromarray(smooth_rgb(24, 24, i)).save(buf, "PNG")
+            yield Sample(id=f"t.tar/{i}.png", rel_out=f"{i}.png", data=buf.getvalue())
+
+    sink = ListSink()
+    engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", batch_size=4))
+    protect_stream(samples(), sink, engine, EncodeOptions(), lambda rec: emitted.append(rec.source), workers=2)
+    assert emitted == [f"t.tar/{i}.png" for i in range(6)] and len(sink.items) == 6
+    assert max(ahead) == 0, ahead
