@@ -54,7 +54,10 @@ def exit_with(parent: int, interval: float = 1.0) -> None:
 
     Why: a pool worker waits on its task queue forever, and a killed parent never sends the
     shutdown; the orphans (and the fork server they keep alive) would hold a torch process each.
+    POSIX only: on Windows `os.kill(pid, 0)` would terminate the parent instead of probing it.
     """
+    if os.name == "nt":
+        return
 
     def watch() -> None:
         while True:
