@@ -9,8 +9,7 @@ write the results while the next chunk computes (Pillow releases the GIL).
 Memory is flat in the number of inputs: samples are pulled lazily and only a bounded window of them
 is in flight (two groups per worker, and about HELD_BYTES of in-memory tar members; on a GPU at most
 one chunk of `CHUNK_BATCHES x batch_size` decoded images, fewer above CHUNK_PIXELS, waits to be
-encoded). Records come out in input order, so
-an `ordered` sink (a tar shard) gets samples in order.
+encoded). Records come out in input order, so an `ordered` sink (a tar shard) gets samples in order.
 
 `protect_stream` is the reusable core: any iterable of `Sample`s, any `Sink`. `run_protect` wires
 it to folders/files/stdin and a `FolderSink`, and writes manifest.jsonl + summary.json under --out.
@@ -27,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +138,13 @@ def protect_items(engine: ProtectEngine, items: list[Prepared]) -> list[tuple[np
     protected = engine.protect_batch([item.decoded.pixels for item in todo]) if todo else []  # type: ignore[union-attr]
     share = (time.perf_counter() - t0) / max(1, len(todo))
     by_item = {id(item): arr for item, arr in zip(todo, protected)}
-    return [(by_item[id(item)], share) if id(item) in by_item else (None, 0.0) for item in items]
+    return [(arr, share) if (arr := by_item.get(id(item))) is not None else (None, 0.0) for item in items]
 
 
-_WORKER_ENGINE: dict[EngineConfig, ProtectEngine] = {}  # this process's engine, by the config it was built from
+@lru_cache(maxsize=1)
+def _worker_engine(cfg: EngineConfig) -> ProtectEngine:
+    """This worker process's engine: built by its first group, kept for the rest of the run."""
+    return ProtectEngine(cfg)
 
 
 def protect_group(engine: ProtectEngine | EngineConfig, options: EncodeOptions, sink: Sink | None, jobs: list[tuple]) -> list[Finished]:
@@ -152,10 +154,7 @@ def protect_group(engine: ProtectEngine | EngineConfig, options: EncodeOptions, 
     group and keeps it; with --workers 0 it is the caller's engine itself.
     """
     if isinstance(engine, EngineConfig):
-        if engine not in _WORKER_ENGINE:
-            _WORKER_ENGINE.clear()
-            _WORKER_ENGINE[engine] = ProtectEngine(engine)
-        engine = _WORKER_ENGINE[engine]
+        engine = _worker_engine(engine)
     items = prepare_group(jobs)
     return [finish(item, arr, options, sink, seconds) for item, (arr, seconds) in zip(items, protect_items(engine, items))]
 
