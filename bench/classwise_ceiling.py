@@ -13,9 +13,10 @@ import argparse
 
 import torch
 
-from cgan_cli.data import load_fashion_mnist
-from cgan_cli.models import quantize_8bit
-from cgan_cli.victims import VictimConfig, train_victim
+from cgan_cli.core.generators import quantize_8bit
+from cgan_cli.learning.config import VictimConfig
+from cgan_cli.learning.data import load_fashion_mnist
+from cgan_cli.learning.victims import train_victim
 
 SIDE = 28
 

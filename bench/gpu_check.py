@@ -33,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protect_bench import DEFAULT_WEIGHTS, photo  # noqa: E402  (same generator and inputs as the CPU bench)
 
-from cgan_cli.engine import EngineConfig, ProtectEngine  # noqa: E402
+from cgan_cli.core.engine import EngineConfig, ProtectEngine  # noqa: E402
 
 SIZES = {"256px": (256, 256, 64), "12MP": (3000, 4000, 4)}  # (height, width, batch)
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cgan_cli.sinks import FolderSink
+from cgan_cli.protect.sinks import FolderSink
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = ROOT / "weights" / "cgan-rgb-default.safetensors"
@@ -92,8 +92,8 @@ def write_inputs(folder: Path, count: int, height: int, width: int, suffix: str)
 # -- children ----------------------------------------------------------------------------------
 def _floor_one(path_and_out: tuple[str, str, str]) -> int:
     """Worker: read, decode, re-encode with the same options, write durably. Returns bytes written."""
-    from cgan_cli.codec import EncodeOptions, decode_image, encode_image
-    from cgan_cli.sources import Sample
+    from cgan_cli.core.formats import EncodeOptions, decode_image, encode_image
+    from cgan_cli.protect.sources import Sample
 
     path, rel, out = path_and_out
     decoded = decode_image(Path(path).read_bytes(), path)
@@ -117,7 +117,7 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from cgan_cli.sources import folder_samples
+    from cgan_cli.protect.sources import folder_samples
 
     t0 = time.perf_counter()
     FolderSink(out)  # create the folder, sweep stale temps: as protect's sink does once
@@ -133,12 +133,13 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
 
 def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int, measure_written: bool, device: str) -> dict:
     try:  # as `cgan protect` does: the workers' fork server imports torch while this process does
-        from cgan_cli.workers import start_fork_server
+        from cgan_cli.protect.workers import start_fork_server
     except ImportError:  # an older tree (--baseline-tree) without it
         start_fork_server = lambda: None  # noqa: E731
     if workers > 0:
         start_fork_server()
-    from cgan_cli.protect import ProtectConfig, run_protect
+    from cgan_cli.protect.config import ProtectConfig
+    from cgan_cli.protect.run import run_protect
 
     extra = {"measure_written": True} if measure_written else {}  # (older trees, for --baseline-tree, lack the field)
     cfg = ProtectConfig((str(src),), out, weights=weights, device=device, workers=workers, batch_size=batch, **extra)
@@ -241,12 +242,21 @@ def _ms(fn, repeats: int = 5) -> float:
 def stage_costs(src: Path, weights: Path, batch: int, out: Path) -> dict[str, float]:
     """Milliseconds per image for every stage protect runs, on one representative file (median of 5)."""
     import hashlib
-    from multiprocessing.reduction import ForkingPickler  # what the process pool itself uses
+    from multiprocessing.reduction import (
+        ForkingPickler,  # what the process pool itself uses
+    )
 
-    from cgan_cli.codec import EncodeOptions, decode_image, encode_image, fidelity, prepare, written_fidelity
-    from cgan_cli.engine import EngineConfig, ProtectEngine
-    from cgan_cli.sinks import FolderSink
-    from cgan_cli.sources import folder_samples
+    from cgan_cli.core.engine import EngineConfig, ProtectEngine
+    from cgan_cli.core.formats import (
+        EncodeOptions,
+        decode_image,
+        encode_image,
+        fidelity,
+        written_fidelity,
+    )
+    from cgan_cli.protect.pipeline import prepare
+    from cgan_cli.protect.sinks import FolderSink
+    from cgan_cli.protect.sources import folder_samples
 
     sample = next(iter(folder_samples(src)))
     data = sample.read()
@@ -278,9 +288,10 @@ def em_comparison(limit: int, rounds: int, threads: int) -> dict:
     per image-round; EM needs at least one round over every image, usually many)."""
     import torch
 
-    from cgan_cli.baselines import EMConfig, error_minimizing_noise
-    from cgan_cli.data import load_fashion_mnist
-    from cgan_cli.engine import EngineConfig, ProtectEngine
+    from cgan_cli.core.engine import EngineConfig, ProtectEngine
+    from cgan_cli.learning.baselines import error_minimizing_noise
+    from cgan_cli.learning.config import EMConfig
+    from cgan_cli.learning.data import load_fashion_mnist
 
     torch.set_num_threads(threads)
     data = load_fashion_mnist("train")

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from cgan_cli.data import load_fashion_mnist
-from cgan_cli.models import protect_tensor, quantize_8bit
-from cgan_cli.train import TrainConfig, train
-from cgan_cli.victims import VictimConfig, train_victim
-from cgan_cli.weights import load_generator
+from cgan_cli.core.generators import protect_tensor, quantize_8bit
+from cgan_cli.core.weights import load_generator
+from cgan_cli.learning.config import TrainConfig, VictimConfig
+from cgan_cli.learning.data import load_fashion_mnist
+from cgan_cli.learning.train import train
+from cgan_cli.learning.victims import train_victim
 
 # Objective variants: TrainConfig overrides. "full" is the shipped recipe.
 VARIANTS: dict[str, dict] = {

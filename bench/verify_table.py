@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +28,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cgan_cli.baselines import EMConfig  # noqa: E402
-from cgan_cli.data import load_fashion_mnist  # noqa: E402
-from cgan_cli.models import ConfounderGenerator  # noqa: E402
-from cgan_cli.verify import VerifyConfig, VerifyRequest, protect_with_generator, subsample, verify  # noqa: E402
-from cgan_cli.victims import VictimConfig  # noqa: E402
-from cgan_cli.weights import WeightsMeta  # noqa: E402
+from cgan_cli.core.engine import EngineConfig, ProtectEngine  # noqa: E402
+from cgan_cli.core.generators import ConfounderGenerator  # noqa: E402
+from cgan_cli.core.weights import WeightsMeta, save_generator  # noqa: E402
+from cgan_cli.learning.config import (  # noqa: E402
+    EMConfig,  # noqa: E402
+    VerifyConfig,
+    VerifyRequest,
+    VictimConfig,  # noqa: E402
+)
+from cgan_cli.learning.data import load_fashion_mnist  # noqa: E402
+from cgan_cli.learning.verify import protect_with_engine, subsample, verify  # noqa: E402
 
 DOCS = ROOT / "docs"
 REPORTS = DOCS / "verify"
@@ -65,8 +71,11 @@ def time_untrained_generator(limit: int | None, seed: int, epsilon: float) -> di
     torch.manual_seed(seed)
     gen = ConfounderGenerator(channels=1).eval()
     meta = WeightsMeta(gen.arch, gen.arch_params(), epsilon, 28, 1, 10)
-    start = time.perf_counter()
-    protect_with_generator(gen, meta, train.pixels, epsilon, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_generator(Path(tmp) / "untrained.safetensors", gen, meta)
+        engine = ProtectEngine(EngineConfig(Path(tmp) / "untrained.safetensors", "cpu", "fp32", epsilon, batch_size=256))
+        start = time.perf_counter()
+        protect_with_engine(engine, train.pixels)
     return {"images": len(train), "seconds": time.perf_counter() - start, "arch_params": gen.arch_params(),
             "note": "untrained weights of the default architecture: timing only"}
 

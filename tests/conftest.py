@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cgan_cli.models import ConfounderGenerator
-from cgan_cli.weights import WeightsMeta, save_generator
+from cgan_cli.core.generators import ConfounderGenerator
+from cgan_cli.core.weights import WeightsMeta, save_generator
 
 EPSILON = 8.0
 WORKING_SIZE = 32
@@ -128,3 +128,18 @@ BAD = ("cmyk_jpeg", "rgb48_png", "truncated_png", "zero_jpeg", "text_as_png", "b
 @pytest.fixture
 def zoo(tmp_path) -> dict[str, Path]:
     return write_zoo(tmp_path / "photos")
+
+
+def read_records(path: Path) -> list[dict]:
+    """All parseable lines of a manifest (a torn last line from a killed run is ignored)."""
+    import json
+
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

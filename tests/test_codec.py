@@ -7,10 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    MAKE_TAG,
+    ORIENTATION_TAG,
+    huge_png_header_bytes,
+    jpeg_with_orientation,
+    png_16bit_colour_bytes,
+    smooth_rgb,
+)
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from cgan_cli.codec import EncodeOptions, ImageError, decode_image, encode_image, fidelity, output_name, written_fidelity
-from conftest import MAKE_TAG, ORIENTATION_TAG, huge_png_header_bytes, jpeg_with_orientation, png_16bit_colour_bytes, smooth_rgb
+from cgan_cli.core.formats import (
+    EncodeOptions,
+    ImageError,
+    decode_image,
+    encode_image,
+    fidelity,
+    output_name,
+    written_fidelity,
+)
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

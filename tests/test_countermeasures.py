@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cgan_cli.countermeasures import (
+from cgan_cli.learning.countermeasures import (
     adversarial_hook,
     gaussian_blur,
     grayscale,
@@ -19,7 +19,7 @@ from cgan_cli.countermeasures import (
     rescale,
     strong_aug_hook,
 )
-from cgan_cli.models import SmallCNN
+from cgan_cli.learning.nets import SmallCNN
 
 
 def textured(n: int = 6, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -10,8 +10,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from cgan_cli.distributed import DistContext, init_distributed, rank_share
 from test_shards import sample_members, write_tar
+
+from cgan_cli.protect.distributed import DistContext, init_distributed, rank_share
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 

@@ -14,18 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import (
+    BAD,
+    EPSILON,
+    GOOD,
+    MAKE_TAG,
+    ORIENTATION_TAG,
+    read_records,
+    smooth_rgb,
+)
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-from cgan_cli import protect as protect_mod
 from cgan_cli.cli import app
-from cgan_cli.codec import EncodeOptions, decode_image
-from cgan_cli.engine import TILE, EngineConfig, ProtectEngine
-from cgan_cli.manifest import ManifestRecord, read_records
-from cgan_cli.protect import protect_stream
-from cgan_cli.sinks import FolderSink
-from cgan_cli.sources import Sample
-from conftest import BAD, EPSILON, GOOD, MAKE_TAG, ORIENTATION_TAG, smooth_rgb
+from cgan_cli.core.engine import TILE, EngineConfig, ProtectEngine, to_float
+from cgan_cli.core.formats import EncodeOptions, decode_image
+from cgan_cli.protect.manifest import ManifestRecord
+from cgan_cli.protect.pipeline import protect_stream
+from cgan_cli.protect.sinks import FolderSink
+from cgan_cli.protect.sources import Sample
 
 CGAN = Path(sys.executable).with_name("cgan")
 
@@ -138,9 +145,9 @@ def test_cpu_fixed_point_path_matches_float_path_within_one_level(rgb_weights: P
     photo[-40:] = 0  # clipping at both ends of the range
     engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", epsilon=6.0))
     with torch.inference_mode():
-        noise = engine._generate(engine._small(photo, engine.working_shape(*photo.shape[:2])))
-        fixed = engine._apply_fixed_point(photo, noise, 6).astype(int)
-        floating = engine._apply_float(photo, noise, 255, 6).astype(int)
+        noise = engine.generate(to_float(photo, engine.device, engine.working_shape(*photo.shape[:2])))
+        fixed = engine.add_noise.fixed_point(photo, noise, 6).astype(int)
+        floating = engine.add_noise.full_float(photo, noise, 255, 6).astype(int)
     assert fixed.shape == photo.shape
     assert np.abs(fixed - photo).max() == 6 and np.abs(floating - photo).max() == 6
     assert np.abs(fixed - floating).max() <= 1
@@ -181,11 +188,11 @@ def test_out_inside_input_and_missing_default_weights_refused(tmp_path: Path, rg
     res = _run(str(src), "--out", str(tmp_path), "--weights", str(rgb_weights))
     assert res.exit_code == 2 and "lies inside --out" in res.stderr
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
-    monkeypatch.setattr(protect_mod, "DEFAULT_RGB_WEIGHTS", tmp_path / "not-shipped.safetensors")
+    monkeypatch.setattr("cgan_cli.protect.config.default_weights", lambda: None)
     res = _run(str(src), "--out", str(tmp_path / "o"))
     assert res.exit_code == 2 and "--weights" in res.stderr and "cgan train" in res.stderr
     assert not (tmp_path / "o").exists()
-    for bad, message in ((["--format", "gif"], "--format gif"), (["--epsilon", "0.5"], "--epsilon 0.5"),
+    for bad, message in ((["--format", "gif"], "'gif' is not one of"), (["--epsilon", "0.5"], "--epsilon 0.5"),
                          (["--device", "tpu"], "--device tpu"), (["--device", "cpu", "--precision", "bf16"], "needs a CUDA device")):
         res = _run(str(src), "--out", str(tmp_path / "o"), "--weights", str(rgb_weights), *bad)
         assert res.exit_code == 2 and message in res.stderr, res.stderr
@@ -403,7 +410,7 @@ def test_in_memory_inputs_in_flight_are_bounded_by_bytes(rgb_weights: Path, monk
     under HELD_BYTES (here 1 byte: one member at a time), and still emits everything in order."""
     import io
 
-    monkeypatch.setattr(protect_mod, "HELD_BYTES", 1)
+    monkeypatch.setattr("cgan_cli.protect.pipeline.HELD_BYTES", 1)
     emitted: list[str] = []
     ahead: list[int] = []
 

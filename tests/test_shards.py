@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import EPSILON, smooth_rgb
 from PIL import Image
 from typer.testing import CliRunner
+from webdataset.tariterators import base_plus_ext as member_key
 
 from cgan_cli.cli import app
-from cgan_cli.data import load_labeled
-from cgan_cli.shards import ShardError, expand_shard_spec, hostile_reason, iter_members, member_key, shard_name
-from conftest import EPSILON, smooth_rgb
+from cgan_cli.core.urls import expand_shard_spec
+from cgan_cli.learning.data import load_labeled
+from cgan_cli.protect.tars import ShardError, hostile_reason, iter_members, shard_name
 
 runner = CliRunner()
 CGAN = [sys.executable, "-m", "cgan_cli"]

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cgan_cli.cli import app
-from cgan_cli.models import protect_tensor
-from cgan_cli.train import TrainConfig, flatten_optimizer, train, unflatten_optimizer
-from cgan_cli.weights import file_sha256, load_generator
+from cgan_cli.core.generators import protect_tensor
+from cgan_cli.core.weights import file_sha256, load_generator
+from cgan_cli.learning.config import TrainConfig
+from cgan_cli.learning.train import flatten_optimizer, train, unflatten_optimizer
 
 SIDE = 16
 

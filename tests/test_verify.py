@@ -15,13 +15,23 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cgan_cli.baselines import EMConfig, classwise_noise, error_minimizing_noise, random_noise
 from cgan_cli.cli import app
-from cgan_cli.data import LabeledImages, load_image_folder
-from cgan_cli.models import ConfounderGenerator
-from cgan_cli.verify import Method, VerifyConfig, VerifyError, match_protected, measured_linf, run_victims
-from cgan_cli.victims import VictimConfig
-from cgan_cli.weights import WeightsMeta, file_sha256, save_generator
+from cgan_cli.core.generators import ConfounderGenerator
+from cgan_cli.core.weights import WeightsMeta, file_sha256, save_generator
+from cgan_cli.learning.baselines import (
+    classwise_noise,
+    error_minimizing_noise,
+    random_noise,
+)
+from cgan_cli.learning.config import EMConfig, VerifyConfig, VictimConfig
+from cgan_cli.learning.data import LabeledImages, load_image_folder
+from cgan_cli.learning.verify import (
+    Method,
+    VerifyError,
+    match_protected,
+    measured_linf,
+    run_victims,
+)
 
 CLASSES = ["bar-h", "bar-v", "diagonal", "ring"]
 

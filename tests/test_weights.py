@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_generator
 from safetensors.torch import load_file, save_file
 
-from cgan_cli.models import ConfounderGenerator
-from cgan_cli.weights import META_KEY, WeightsError, WeightsMeta, load_generator, read_meta, save_generator
-from conftest import write_generator
+from cgan_cli.core.generators import ConfounderGenerator
+from cgan_cli.core.weights import (
+    META_KEY,
+    WeightsError,
+    WeightsMeta,
+    load_generator,
+    read_meta,
+    save_generator,
+)
 
 
 def _rewrite(src: Path, dst: Path, tensors: dict | None = None, meta: dict | None = None) -> Path:
@@ -101,12 +108,13 @@ def test_save_is_atomic_and_meta_survives(tmp_path: Path) -> None:
 def test_every_shipped_generator_loads_and_is_documented() -> None:
     """What weights/ ships must load (safetensors, no pickle), bound its noise, carry its training
     record, and appear in weights/README.md under its name with its exact sha256."""
-    from cgan_cli.weights import DEFAULT_RGB_WEIGHTS, file_sha256
+    from cgan_cli.core.shipped import default_weights, shipped_weights_dir
+    from cgan_cli.core.weights import file_sha256
 
-    root = DEFAULT_RGB_WEIGHTS.parent
+    root = shipped_weights_dir()
     readme = (root / "README.md").read_text()
     files = sorted(root.glob("*.safetensors"))
-    assert DEFAULT_RGB_WEIGHTS in files
+    assert default_weights() in files
     for path in files:
         gen, meta = load_generator(path)
         assert f"## {path.name}" in readme and file_sha256(path) in readme, path.name

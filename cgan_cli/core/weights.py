@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from cgan_cli.models import GENERATORS, build_generator
+from cgan_cli.core.atomic import write_atomic
+from cgan_cli.core.errors import UsageError
+from cgan_cli.core.generators import GENERATORS, build_generator
 
 FORMAT_VERSION = 1
 META_KEY = "cgan"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_RGB_WEIGHTS = DEFAULT_WEIGHTS_DIR / "cgan-rgb-default.safetensors"
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """A weights file that cgan refuses to use; the message says what is wrong."""
 
 
@@ -75,18 +73,8 @@ def file_sha256(path: Path) -> str:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file via temp name + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be shared and shipped
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a safetensors file atomically, so a crash never leaves half a file."""
+    write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def save_generator(path: Path, model: nn.Module, meta: WeightsMeta) -> None:

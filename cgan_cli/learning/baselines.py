@@ -1,7 +1,7 @@
 """Comparison noises for `cgan verify --baseline`: what ConfounderGAN has to beat, on the same data and budget.
 
 Every function takes clean uint8 pixels (N, C, H, W) and an L-inf budget `epsilon` in /255 units and
-returns protected uint8 pixels, rounded to 8 bits like a written file (as `models.protect_tensor`).
+returns protected uint8 pixels, rounded to 8 bits like a written file (as `generators.protect_tensor`).
 
 - random:    uniform noise in [-eps, eps], fresh per image. The control: should change nothing.
 - classwise: one fixed uniform pattern per class, added to every image of that class. Needs the
@@ -14,15 +14,19 @@ returns protected uint8 pixels, rounded to 8 bits like a written file (as `model
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cgan_cli.models import SmallCNN, quantize_8bit
+from cgan_cli.core.choices import Baseline
+from cgan_cli.core.generators import quantize_8bit
+from cgan_cli.learning.config import EMConfig
+from cgan_cli.learning.nets import SmallCNN
+from cgan_cli.learning.victims import accuracy
 
-BASELINES = ("random", "classwise", "em")
+BASELINES = tuple(b.value for b in Baseline)
 
 
 def add_noise(pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -40,28 +44,6 @@ def classwise_noise(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int
     gen = torch.Generator().manual_seed(seed)
     patterns = (torch.rand((num_classes, *pixels.shape[1:]), generator=gen) * 2 - 1) * (epsilon / 255.0)
     return add_noise(pixels, patterns[labels])
-
-
-@dataclass
-class EMConfig:
-    """Defaults follow the paper's sample-wise setting (20 PGD steps of eps/10, 10 train steps per round)."""
-
-    train_steps: int = 10  # surrogate SGD steps per round
-    pgd_steps: int = 20  # PGD steps on every delta per round
-    stop_error: float = 0.01  # stop once the surrogate's train error on x + delta is below this
-    max_rounds: int = 50  # safety cap; the report says whether the stop error was reached
-    batch_size: int = 128
-    lr: float = 0.1
-    surrogate_width: int = 32
-
-
-def _surrogate_error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 512) -> float:
-    model.eval()
-    wrong = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            wrong += (model(x[i : i + batch].to(device)).argmax(1).cpu() != y[i : i + batch]).sum().item()
-    return wrong / max(1, len(y))
 
 
 def error_minimizing_noise(
@@ -108,7 +90,8 @@ def error_minimizing_noise(
                 (grad,) = torch.autograd.grad(loss, d)
                 d = ((d.detach() - alpha * grad.sign()).clamp(-eps, eps) + xb).clamp(0, 1) - xb
             delta[i : i + cfg.batch_size] = d.detach().cpu()
-        error = _surrogate_error(model, (x + delta).clamp(0, 1), labels, device)
+        model.eval()
+        error = 1.0 - accuracy(model, (x + delta).clamp(0, 1), labels, device=device)
         if error < cfg.stop_error:
             break
     details = {"em": asdict(cfg), "rounds": rounds, "surrogate_error": error, "stopped": error < cfg.stop_error}

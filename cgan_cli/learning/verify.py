@@ -22,21 +22,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.table import Table
 
 from cgan_cli import __version__
-from cgan_cli.baselines import BASELINES, EMConfig, build_baseline
-from cgan_cli.countermeasures import Countermeasure, parse_countermeasure
-from cgan_cli.data import LabeledImages, load_fashion_mnist, load_labeled, split_holdout
-from cgan_cli.models import protect_tensor
-from cgan_cli.victims import VICTIM_ARCHS, VictimConfig, VictimResult, train_victim
-from cgan_cli.weights import WeightsMeta, file_sha256, load_generator, read_meta
+from cgan_cli.core.device import resolve_device, resolve_precision
+from cgan_cli.core.engine import EngineConfig, ProtectEngine
+from cgan_cli.core.errors import UsageError
+from cgan_cli.core.weights import file_sha256, read_meta
+from cgan_cli.learning.baselines import BASELINES, build_baseline
+from cgan_cli.learning.config import EMConfig, VerifyConfig, VerifyRequest, VictimConfig
+from cgan_cli.learning.countermeasures import Countermeasure, parse_countermeasure
+from cgan_cli.learning.data import (
+    LabeledImages,
+    load_fashion_mnist,
+    load_labeled,
+    split_holdout,
+)
+from cgan_cli.learning.nets import VICTIM_ARCHS
+from cgan_cli.learning.victims import VictimResult, train_victim
 
 
-class VerifyError(ValueError):
+class VerifyError(UsageError):
     """Inputs `verify` cannot compare honestly; the message says what does not match."""
 
 
@@ -65,13 +75,6 @@ class Row:
     @property
     def drop(self) -> float:
         return self.clean.test_accuracy - self.protected.test_accuracy
-
-
-@dataclass
-class VerifyConfig:
-    victim: VictimConfig  # the recipe; its arch is replaced by each entry of `archs`
-    archs: list[str] = field(default_factory=lambda: ["cnn"])
-    countermeasures: list[str] = field(default_factory=lambda: ["none"])
 
 
 # ----------------------------------------------------------------------------- source
@@ -149,18 +152,14 @@ def measured_linf(clean: torch.Tensor, protected: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- methods (engine, part 1)
 
 
-def protect_with_generator(generator: torch.nn.Module, meta: WeightsMeta, pixels: torch.Tensor, epsilon: float, device: str, batch_size: int = 256) -> torch.Tensor:
-    """The generator applied in memory, batch by batch, 8-bit like a written file (data at its working size)."""
-    if pixels.shape[1] != meta.channels:
-        raise VerifyError(f"weights expect {meta.channels}-channel images, the data has {pixels.shape[1]} channel(s)")
-    if pixels.shape[-1] != meta.working_size:
-        raise VerifyError(f"weights work at {meta.working_size} px, the data is {pixels.shape[-1]} px; load it with --size {meta.working_size}")
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            x = pixels[i : i + batch_size].to(device).float() / 255.0
-            out.append(torch.round(protect_tensor(generator, x, epsilon) * 255.0).to(torch.uint8).cpu())
-    return torch.cat(out) if out else pixels.clone()
+def protect_with_engine(engine: ProtectEngine, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The training set through `cgan protect`'s own engine: working-size resize, whole-level noise, exact budget."""
+    out = torch.empty_like(pixels)
+    for i in range(0, len(pixels), batch_size):
+        images = [np.ascontiguousarray(p.permute(1, 2, 0).numpy()) for p in pixels[i : i + batch_size]]
+        for j, protected in enumerate(engine.protect_batch(images)):
+            out[i + j] = torch.from_numpy(protected).permute(2, 0, 1)
+    return out
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
@@ -169,10 +168,11 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def generator_method(weights: Path, train: LabeledImages, epsilon: float, device: str) -> tuple[Method, dict[str, Any]]:
+def generator_method(weights: Path, train: LabeledImages, epsilon: float, device: str, precision: str) -> tuple[Method, dict[str, Any]]:
     """Protect the training set with a weights file; returns the method and the weights record for the report."""
-    generator, meta = load_generator(weights, device)
-    pixels, seconds = timed(protect_with_generator, generator, meta, train.pixels, epsilon, device)
+    engine = ProtectEngine(EngineConfig(weights, device, precision, epsilon, batch_size=256))
+    meta = engine.meta
+    pixels, seconds = timed(protect_with_engine, engine, train.pixels)
     record = {"path": str(weights), "sha256": file_sha256(weights), "arch": meta.arch, "trained_epsilon": meta.epsilon,
               "working_size": meta.working_size, "channels": meta.channels, "dataset": meta.dataset}
     return Method("generator", pixels, seconds, {"epsilon": epsilon}), record
@@ -348,27 +348,6 @@ def build_report(
 # ----------------------------------------------------------------------------- the whole command
 
 
-@dataclass
-class VerifyRequest:
-    """What the command line asked for, already parsed (cli.py only fills this in)."""
-
-    data: str | None = None
-    protected: Path | None = None
-    clean: Path | None = None
-    test: Path | None = None
-    weights: Path | None = None
-    epsilon: float | None = None
-    baselines: list[str] = field(default_factory=list)
-    size: int | None = None
-    channels: int | None = None
-    holdout: float = 0.2
-    limit: int | None = None
-    test_limit: int | None = None
-    report: Path | None = None
-    em: EMConfig = field(default_factory=EMConfig)
-    cfg: VerifyConfig = field(default_factory=lambda: VerifyConfig(VictimConfig()))
-
-
 def default_report_path(req: VerifyRequest) -> Path:
     """Next to the protected tree when there is one, else runs/verify/<data>-report.json."""
     if req.protected is not None:
@@ -413,7 +392,7 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
         epsilon = float(measured_linf(clean.pixels, methods[0].pixels))  # baselines spend what protect spent
     weights_record = None
     if req.weights is not None:
-        method, weights_record = generator_method(req.weights, clean, epsilon, device)
+        method, weights_record = generator_method(req.weights, clean, epsilon, device, req.cfg.victim.precision)
         methods.append(method)
     if req.baselines and epsilon is None:
         raise VerifyError("--baseline needs --epsilon (in /255 units)")
@@ -455,4 +434,16 @@ def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row
     return rows, report, report_path, plot_path
 
 
-__all__ = ["Method", "Row", "VerifyConfig", "VerifyError", "VerifyRequest", "verify"]
+def verify_cli(req: VerifyRequest, device: str, precision: str) -> int:
+    """`cgan verify` after parsing: resolve the runtime, run, print the table; returns the exit code."""
+    try:
+        dev = resolve_device(device)
+        req.cfg.victim.device, req.cfg.victim.precision = str(dev), resolve_precision(precision, dev)
+        rows, _, report_path, plot_path = verify(req, Console(stderr=True))
+    except ValueError as exc:  # UsageErrors, and countermeasure / dataset values that cannot be used
+        Console(stderr=True).print(f"error: {exc}", markup=False)
+        return 2
+    console = Console()
+    console.print(results_table(rows))
+    console.print(f"report: {report_path}\ncurves: {plot_path}")
+    return 0

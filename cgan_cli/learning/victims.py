@@ -13,23 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cgan_cli.engine import autocast_context
-from cgan_cli.models import SmallCNN, resnet18_small
-
-VICTIM_ARCHS = ("cnn", "resnet18")
-
-
-@dataclass
-class VictimConfig:
-    arch: str = "cnn"
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1  # peak of a one-cycle schedule, SGD momentum 0.9 nesterov
-    weight_decay: float = 5e-4
-    augment: bool = True  # random crop (pad 1/8 of the side) + horizontal flip
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA only; CPU always trains in fp32
+from cgan_cli.core.device import autocast_context
+from cgan_cli.learning.config import VictimConfig
+from cgan_cli.learning.nets import build_victim
 
 
 @dataclass
@@ -38,14 +24,6 @@ class VictimResult:
     epoch_accuracy: list[float] = field(default_factory=list)  # clean-test accuracy after each epoch
     train_accuracy: float = 0.0  # on the data it was trained on, last epoch
     seconds: float = 0.0
-
-
-def build_victim(arch: str, channels: int, num_classes: int) -> nn.Module:
-    if arch == "cnn":
-        return SmallCNN(channels, num_classes)
-    if arch == "resnet18":
-        return resnet18_small(channels, num_classes)
-    raise ValueError(f"unknown victim arch {arch!r}; choose from {VICTIM_ARCHS}")
 
 
 def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -63,12 +41,19 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> float:
-    model.eval()
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+             device: str | torch.device = "cpu") -> float:
+    """Share of `x` whose top logit under `predict` is `y`; uint8 pixels become [0, 1] floats batch by batch.
+
+    The one evaluation loop of the learning side (victims, surrogates, the generator's code head);
+    the caller puts its model in eval mode.
+    """
     correct = 0
     for i in range(0, len(y), batch_size):
-        logits = model(x[i : i + batch_size].to(device))
-        correct += (logits.argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+        xb = x[i : i + batch_size].to(device)
+        if xb.dtype == torch.uint8:
+            xb = xb.float().div_(255.0)
+        correct += (predict(xb).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
     return correct / max(1, len(y))
 
 
@@ -130,6 +115,7 @@ def train_victim(
             sched.step()
             correct += (logits.argmax(1) == y).sum().item()
         train_acc = correct / len(order)
+        model.eval()
         with _autocast(cfg):
             curve.append(accuracy(model, test_x, test_y, device=cfg.device))
     return VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)

@@ -1,6 +1,7 @@
-"""The networks, as plain `nn.Module`s: confounder generator, discriminator, victim classifiers.
+"""The confounder generators, as plain `nn.Module`s, and the formula that turns their output into a protected image.
 
-Every image tensor here is float in [0, 1], shape (B, C, H, W).
+Every image tensor here is float in [0, 1], shape (B, C, H, W). Both sides use this module: the
+protect engine loads a generator to run it, `cgan train` builds one to train it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18
 
 
 def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -108,52 +108,6 @@ class DeepCodeGenerator(HardCodeGenerator):
         return self.code_head(self.encoder(x).mean(dim=(2, 3)))
 
 
-class Discriminator(nn.Module):
-    """Clean vs protected: one logit per image (positive = protected). Keeps the noise imperceptible."""
-
-    def __init__(self, channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(4 * width, 1, 3, padding=1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).mean(dim=(1, 2, 3))
-
-
-class SmallCNN(nn.Module):
-    """Victim / surrogate classifier for small images (28-64 px): 3 conv blocks + linear head."""
-
-    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.head = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
-
-
-def resnet18_small(channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """torchvision ResNet-18 adapted to small images: 3x3 stem, stride 1, no max-pool."""
-    model = resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
 GENERATORS: dict[str, type[nn.Module]] = {cls.arch: cls for cls in (ConfounderGenerator, HardCodeGenerator, DeepCodeGenerator)}
 
 
@@ -162,13 +116,6 @@ def build_generator(arch: str, params: dict[str, int]) -> nn.Module:
     if arch not in GENERATORS:
         raise ValueError(f"unknown generator architecture {arch!r}; this cgan knows {sorted(GENERATORS)}")
     return GENERATORS[arch](**params)
-
-
-def upsample_noise(noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bring working-resolution noise to the image's full size; bilinear keeps it within [-eps, eps]."""
-    if tuple(noise.shape[-2:]) == tuple(size):
-        return noise
-    return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from cgan_cli.core.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -125,20 +127,6 @@ class ManifestWriter:
         self._fh.close()
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """All parseable lines of a manifest (a torn last line from a killed run is ignored)."""
-    records = []
-    if not Path(path).is_file():
-        return records
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 @dataclass
 class DoneEntry:
     sha256_in: str
@@ -184,9 +172,56 @@ class ResumeIndex:
 
 
 def write_summary(path: Path, summary: RunSummary) -> None:
-    """summary.json via temp + rename, like every other file cgan writes."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".cgan.tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(summary.to_json(indent=2) + "\n")
-    os.replace(tmp, path)
+    """summary.json, written atomically like every other file cgan writes."""
+    write_atomic(path, summary.to_json(indent=2) + "\n")
+
+
+@dataclass
+class ShardRunSummary(RunSummary):
+    """summary.json of a shard run: the folder-mode summary plus per-shard outcomes and the world size."""
+
+    shards: dict[str, int] = field(default_factory=lambda: {"done": 0, "skipped": 0, "failed": 0})
+    failed_shards: list[dict[str, str]] = field(default_factory=list)
+    world_size: int = 1
+    stale_removed: list[str] = field(default_factory=list)  # re-sharding: an earlier run's extra shards, deleted
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.counts["failed"] or self.shards["failed"] else 0
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardRunSummary":
+        return cls(**json.loads(text))
+
+
+def merge_summaries(parts: list[ShardRunSummary]) -> ShardRunSummary:
+    """One summary for the whole run: counts add up, wall time is the slowest rank's."""
+    merged = ShardRunSummary.from_json(parts[0].to_json())
+    for part in parts[1:]:
+        for key, value in part.counts.items():
+            merged.counts[key] = merged.counts.get(key, 0) + value
+        for key, value in part.shards.items():
+            merged.shards[key] = merged.shards.get(key, 0) + value
+        merged.total += part.total
+        merged.failed_shards.extend(part.failed_shards)
+        merged.stale_removed.extend(part.stale_removed)
+        merged.wall_seconds = max(merged.wall_seconds, part.wall_seconds)
+    merged.device = ",".join(dict.fromkeys(p.device for p in parts))
+    merged.images_per_second = round(merged.counts["protected"] / max(merged.wall_seconds, 1e-9), 3)
+    return merged
+
+
+def rank_manifest_name(rank: int) -> str:
+    """Under torchrun each rank appends to its own manifest part; rank 0 merges them at the end."""
+    return f"manifest.rank{rank}.jsonl"
+
+
+def merge_rank_manifests(out: Path, world_size: int) -> None:
+    """Rank 0 appends every rank's manifest to manifest.jsonl (streamed), then removes the rank files."""
+    with open(out / MANIFEST_NAME, "ab") as dst:
+        for rank in range(world_size):
+            part = out / f"{rank_manifest_name(rank)}"
+            if part.is_file():
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+                part.unlink()

@@ -3,26 +3,29 @@
 A `Sample` is everything the pipeline needs to know about one input *before* reading it: where its
 bytes come from (a file `path` read inside a decode worker, or `data` already in memory, as a
 WebDataset member is), where its output goes (`rel_out`, relative to the sink's root) and whether it
-is an image at all (`passthrough` members are copied byte-identical). Other sources (tar shards)
-only have to yield `Sample`s; the engine and sinks never look at where a sample came from.
+is an image at all (`passthrough` members are copied byte-identical). Folders, files, stdin path
+lists and tar shards all become `Sample`s here; the engine and sinks never look at where one came from.
+
+Shards: image members (by their last suffix, as webdataset's decoders choose) are protected, every
+other member is passthrough. A `ShardLedger` hands each shard's boundaries and read errors from the
+source to the (ordered) tar sink.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
-
-STDIN = "-"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # what a folder walk picks up
-
-
-class UsageError(ValueError):
-    """A command line that cannot be run as given (exit code 2); nothing has been written."""
+from cgan_cli.core.choices import STDIN
+from cgan_cli.core.errors import UsageError
+from cgan_cli.core.formats import is_image_name
+from cgan_cli.protect.tars import ShardError, hostile_reason, iter_members, open_shard
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,6 @@ class Sample:
             return self.data
         assert self.path is not None, "a Sample needs a path or data"
         return Path(self.path).read_bytes()
-
-
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -151,3 +150,62 @@ def count_samples(inputs: list[str]) -> int | None:
     if STDIN in inputs:
         return None
     return sum(sum(1 for _ in _walk_sorted(Path(s))) if Path(s).is_dir() else 1 for s in inputs)
+
+
+@dataclass
+class ShardState:
+    """One input shard's progress, shared by the source (which reads it) and the sink (which writes it)."""
+
+    url: str
+    name: str
+    members: int = 0  # regular members read from the input
+    written: int = 0  # members written to the output (failed and refused samples are not)
+    error: str | None = None  # the input could not be read to its end: truncated, corrupt, pipe failed
+
+
+class ShardLedger:
+    """Shard boundaries and read errors, handed from the source to the sink in input order.
+
+    The source opens a shard's entry before it yields any of that shard's samples and notes a read
+    error before it yields anything that follows. The sink is `ordered`: it sees a sample only after
+    the source produced it. So when the sink finishes a shard, the ledger holds that shard's final
+    state, including shards none of whose samples reached the sink (empty, all failed, unreadable).
+    """
+
+    def __init__(self) -> None:
+        self._open: deque[ShardState] = deque()
+
+    def start(self, url: str, name: str) -> ShardState:
+        state = ShardState(url, name)
+        self._open.append(state)
+        return state
+
+    def oldest(self) -> ShardState | None:
+        return self._open[0] if self._open else None
+
+    def pop(self) -> ShardState:
+        return self._open.popleft()
+
+
+def shard_samples(shards: Iterable[tuple[str, str]], ledger: ShardLedger) -> Iterator[Sample]:
+    """(url, output name) pairs -> one Sample per tar member, in archive order.
+
+    Image members (by their last suffix) are protected; every other member is passthrough and
+    reaches the output byte-identical. A shard that breaks off records its error in the ledger
+    after its complete members; the run goes on with the next shard.
+    """
+    for url, name in shards:
+        state = ledger.start(url, name)
+        try:
+            with closing(open_shard(url)) as stream:
+                for member in iter_members(stream, url):
+                    state.members += 1
+                    rel = f"{name}/{member.name}"
+                    yield Sample(id=rel, rel_out=rel, data=member.data, passthrough=not is_image_name(member.name))
+        except (ShardError, OSError, ValueError) as exc:
+            state.error = str(exc)
+
+
+def refuse_hostile(sample: Sample) -> str | None:
+    """Pipeline guard: a member name that could escape an extraction folder never reaches an output tar."""
+    return hostile_reason(sample.rel_out.split("/", 1)[1])

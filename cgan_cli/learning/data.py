@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from webdataset.tariterators import tarfile_samples
 
-from cgan_cli.sources import IMAGE_SUFFIXES  # one list, shared with the protect folder walk
+from cgan_cli.core.errors import UsageError
+from cgan_cli.core.formats import is_image_name
+from cgan_cli.core.urls import expand_shard_spec, looks_like_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -27,7 +30,7 @@ FASHION_MNIST_CLASSES = [
 BUILTIN_DATASETS = ("fashion-mnist",)
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A dataset that cannot be read; the message says what is missing and how to get it."""
 
 
@@ -119,7 +122,7 @@ def load_image_folder(root: Path, size: int, channels: int = 3) -> LabeledImages
     arrays, labels, paths = [], [], []
     for label, cls in enumerate(classes):
         for path in sorted((root / cls).rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            if not is_image_name(path.name) or not path.is_file():
                 continue
             with Image.open(path) as img:
                 arr = np.asarray(_to_square(img, size, mode))
@@ -138,13 +141,12 @@ def load_shards(spec: str, size: int, channels: int = 3) -> LabeledImages:
     Samples are grouped by key the webdataset way; `cls` holds the integer label as text. Samples
     without an image or a `cls` member are skipped (webdataset pipelines drop them too).
     """
-    from cgan_cli.shards import expand_shard_spec, iter_keyed_samples
-
     mode = "L" if channels == 1 else "RGB"
     arrays, labels, paths = [], [], []
     for url in expand_shard_spec(spec):
-        for key, fields in iter_keyed_samples(url):
-            image_ext = next((e for e in fields if "." + e.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
+        for fields in tarfile_samples([{"url": url}]):
+            key = fields["__key__"]
+            image_ext = next((e for e in fields if not e.startswith("__") and is_image_name(f"member.{e}")), None)
             if image_ext is None or "cls" not in fields:
                 continue
             try:
@@ -167,8 +169,6 @@ def load_shards(spec: str, size: int, channels: int = 3) -> LabeledImages:
 
 def load_labeled(source: str, split: str = "train", size: int | None = None, channels: int | None = None) -> LabeledImages:
     """Resolve a DATA argument: a built-in name, WebDataset shards, or a class-per-subfolder tree."""
-    from cgan_cli.shards import looks_like_shards
-
     if source in BUILTIN_DATASETS:
         return load_fashion_mnist(split)
     if looks_like_shards(str(source)):

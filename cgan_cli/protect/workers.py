@@ -1,6 +1,6 @@
 """Worker processes for the protect pipeline: a process pool that survives crashing decoders.
 
-Two kinds of pools run here (protect.py picks):
+Two kinds of pools run here (pipeline.py picks):
 - *protect* workers (CPU): each process decodes, runs its own copy of the generator, encodes and
   writes. Pixels never cross a process boundary: pickling a 12 MP image to the main process and back
   cost more CPU than the generator itself (docs/performance.md).
@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any
 
-FORK_SERVER_PRELOAD = ["cgan_cli.protect"]  # what every protect worker needs: torch, the engine, Pillow
+FORK_SERVER_PRELOAD = ["cgan_cli.protect.pipeline"]  # what every protect worker needs: torch, the engine, Pillow
 
 
 def default_workers() -> int:
@@ -87,13 +88,22 @@ class InlineExecutor(Executor):
 CRASHED = "the decoder process crashed on this file (corrupt or hostile data)"
 
 
+@dataclass(eq=False)
+class Task:
+    """A group of jobs submitted to the pool; `future` is replaced when a crash forces a resubmit."""
+
+    jobs: list[tuple]
+    future: Future
+
+
 class WorkerPool:
     """Processes that run `task(jobs) -> results` (one result per job) and survive a crashing decoder.
 
     Work goes to the workers in groups of jobs (one round trip each). A malformed file can kill a
     worker process (a native decoder bug); the pool then breaks and every pending future fails. The
-    broken group's jobs are rerun one at a time on a fresh pool: one that breaks that pool too is the
-    culprit and gets `crashed(job, CRASHED)`; the caller resubmits the other groups in flight.
+    pool is replaced, every task still pending is resubmitted to the new one, and the broken group's
+    jobs are rerun one at a time: one that breaks that pool too is the culprit and gets
+    `crashed(job, CRASHED)`.
     """
 
     def __init__(self, workers: int, task: Callable[[list[tuple]], list], crashed: Callable[[tuple, str], Any]) -> None:
@@ -101,6 +111,7 @@ class WorkerPool:
         if workers > 0:
             start_fork_server()
         self.pool = self._new()
+        self._pending: dict[int, Task] = {}  # submitted, result not yet taken
 
     def _new(self) -> Executor:
         if self.workers <= 0:
@@ -108,25 +119,31 @@ class WorkerPool:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context(start_method()),
                                    initializer=exit_with, initargs=(os.getpid(),))
 
-    def submit(self, jobs: list[tuple]) -> Future:
-        return self.pool.submit(self.task, jobs)
+    def submit(self, jobs: list[tuple]) -> Task:
+        task = Task(jobs, self.pool.submit(self.task, jobs))
+        self._pending[id(task)] = task
+        return task
 
-    def restart(self) -> None:
+    def result(self, task: Task) -> list:
+        """The task's results; after a crash, computed again job by job on a fresh pool."""
+        del self._pending[id(task)]
+        try:
+            return task.future.result()
+        except BrokenProcessPool:
+            self._restart()
+            return [self._alone(job) for job in task.jobs]
+
+    def _restart(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._new()
-
-    def results(self, fut: Future, jobs: list[tuple]) -> list:
-        try:
-            return fut.result()
-        except BrokenProcessPool:
-            self.restart()
-            return [self._alone(job) for job in jobs]
+        for task in self._pending.values():
+            task.future = self.pool.submit(self.task, task.jobs)
 
     def _alone(self, job: tuple) -> Any:
         try:
-            return self.submit([job]).result()[0]
+            return self.pool.submit(self.task, [job]).result()[0]
         except BrokenProcessPool:
-            self.restart()
+            self._restart()
             return self.crashed(job, CRASHED)
 
     def shutdown(self) -> None:

@@ -21,9 +21,7 @@ Support decisions (README "cgan protect" documents them for users):
 
 from __future__ import annotations
 
-import hashlib
 import io
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -31,14 +29,13 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
-from cgan_cli.manifest import DoneEntry
-from cgan_cli.sources import Sample
-
 MAX_PIXELS = 100_000_000  # 100 megapixels: above this a file is refused before it is decoded
 ORIENTATION_TAG = 0x0112
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
 FORCED_FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 DEFAULT_LOSSY_QUALITY = 95  # lossy WebP sources, and JPEG/WebP written from other formats
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})  # picked up by name
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, what PIL's convert("L") uses
 
 
 class ImageError(ValueError):
@@ -89,6 +86,11 @@ class EncodeOptions:
     format: str | None = None  # None = keep the source's format; else png | jpeg | webp
     quality: int | None = None  # JPEG / lossy WebP quality; None = keep the source's tables / 95
     measure_written: bool = False  # re-decode each output to measure it (costs one decode per image)
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file or tar member name carries an image suffix (its last suffix)."""
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def output_name(rel_out: str, options: EncodeOptions) -> str:
@@ -334,55 +336,3 @@ def written_fidelity(original: DecodedImage, written: DecodedImage) -> tuple[flo
     if a.shape[:2] != b.shape[:2] or original.max_value != written.max_value:
         raise ImageError(f"written image is {b.shape[1]}x{b.shape[0]} {written.out_mode}, source is {a.shape[1]}x{a.shape[0]} {original.out_mode}")
     return fidelity(a, b, original.max_value)
-
-
-@dataclass
-class Prepared:
-    """A sample after the decode stage: decoded, or known to be skipped / passed through / failed."""
-
-    sample: Sample
-    sha256_in: str | None = None
-    bytes_in: int | None = None
-    decoded: DecodedImage | None = None
-    passthrough: bytes | None = None
-    skip: DoneEntry | None = None
-    error: str | None = None
-    seconds: float = 0.0
-
-
-def prepare(sample: Sample, done: DoneEntry | None, options: EncodeOptions) -> Prepared:
-    """The pipeline's decode stage, run in worker processes: read, hash, resume check, decode, check writability.
-
-    Lives here, not in protect.py, so that spawned workers import only Pillow and numpy, not torch.
-    """
-    t0 = time.perf_counter()
-    result = Prepared(sample)
-    try:
-        data = sample.read()
-    except OSError as exc:
-        result.error = f"cannot read: {exc.strerror or exc}"
-        return result
-    result.sha256_in, result.bytes_in = hashlib.sha256(data).hexdigest(), len(data)
-    if done is not None and done.sha256_in == result.sha256_in:
-        result.skip = done
-    elif sample.passthrough:
-        result.passthrough = data
-    else:
-        try:
-            result.decoded = decode_image(data, sample.id)
-            output_format(result.decoded, options)  # unwritable: fails here, before any compute
-        except ImageError as exc:
-            result.error = str(exc)  # `decoded` stays set when decoding worked: the record keeps size/mode
-        except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
-            result.error = f"unexpected {type(exc).__name__}: {exc}"
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def prepare_group(jobs: list[tuple[Sample, DoneEntry | None, EncodeOptions]]) -> list[Prepared]:
-    """`prepare` for several samples in one worker round trip.
-
-    Why: for small files the per-task cost of the process pool (queue hand-offs and thread wake-ups,
-    milliseconds on a loaded machine) dwarfs decoding a 32 px PNG (~0.1 ms); see docs/performance.md.
-    """
-    return [prepare(*job) for job in jobs]

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cgan_cli.victims import BatchHook
+from cgan_cli.core.choices import COUNTERMEASURES
+from cgan_cli.core.formats import LUMA
+from cgan_cli.learning.victims import BatchHook
 
 DataTransform = Callable[[torch.Tensor], torch.Tensor]
 HookFactory = Callable[[int, int], BatchHook]  # (seed, num_classes) -> hook
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -161,17 +162,6 @@ class Countermeasure:
         return self.make_hook(seed, num_classes) if self.make_hook is not None else None
 
 
-COUNTERMEASURE_HELP = {
-    "none": "the plain victim recipe",
-    "jpeg:Q": "re-encode training images as JPEG at quality Q (e.g. jpeg:75)",
-    "grayscale": "replace every channel by the luma (no-op on 1-channel data)",
-    "blur:SIGMA": "Gaussian blur with standard deviation SIGMA pixels (e.g. blur:1)",
-    "rescale:F": "downscale by factor F, then upscale back (e.g. rescale:2)",
-    "strong-aug": "cutout (half-side square) + mixup on every training batch",
-    "adv:EPS": "PGD adversarial training at L-inf radius EPS/255, 3 steps (e.g. adv:4)",
-}
-
-
 def _number(spec: str, arg: str, kind: type) -> float:
     try:
         return kind(arg)
@@ -202,4 +192,4 @@ def parse_countermeasure(spec: str) -> Countermeasure:
         if name == "rescale":
             return Countermeasure(spec, transform=lambda p: rescale(p, value))
         return Countermeasure(spec, make_hook=lambda seed, k: adversarial_hook(seed, k, value))
-    raise ValueError(f"unknown countermeasure {spec!r}; valid forms: {', '.join(COUNTERMEASURE_HELP)}")
+    raise ValueError(f"unknown countermeasure {spec!r}; valid forms: {', '.join(COUNTERMEASURES)}")

@@ -1,0 +1,69 @@
+"""Every closed list of names the command line offers, as typer `Enum` choices, plus cheap option checks.
+
+Torch-free on purpose: the CLI imports this to build its help and to reject a bad option within
+milliseconds, before any torch import or worker start.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from cgan_cli.core.errors import UsageError
+
+STDIN = "-"  # as SRC: paths (or with --shards a tar) on stdin; as --out: a tar stream on stdout
+EPSILON_RANGE = (1.0, 255.0)  # /255 units; below 1 no 8-bit pixel changes
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class GeneratorArch(str, Enum):
+    """Trainable generators (core/generators.py); v3 is what the shipped weights use."""
+
+    v3 = "confounder-v3"
+    v2 = "confounder-v2"
+
+
+class VictimArch(str, Enum):
+    cnn = "cnn"
+    resnet18 = "resnet18"
+
+
+class Baseline(str, Enum):
+    random = "random"
+    classwise = "classwise"
+    em = "em"
+
+
+COUNTERMEASURES = {  # spec form -> what it does; learning/countermeasures.py implements exactly these
+    "none": "the plain victim recipe",
+    "jpeg:Q": "re-encode training images as JPEG at quality Q (e.g. jpeg:75)",
+    "grayscale": "replace every channel by the luma (no-op on 1-channel data)",
+    "blur:SIGMA": "Gaussian blur with standard deviation SIGMA pixels (e.g. blur:1)",
+    "rescale:F": "downscale by factor F, then upscale back (e.g. rescale:2)",
+    "strong-aug": "cutout (half-side square) + mixup on every training batch",
+    "adv:EPS": "PGD adversarial training at L-inf radius EPS/255, 3 steps (e.g. adv:4)",
+}
+
+
+def check_epsilon(epsilon: float | None) -> None:
+    low, high = EPSILON_RANGE
+    if epsilon is not None and not low <= epsilon <= high:
+        raise UsageError(f"--epsilon {epsilon:g}: must be in [{low:g}, {high:g}] (/255 units; below 1 no 8-bit pixel changes)")
+
+
+def check_device_name(name: str) -> None:
+    """The spelling of --device, checked without touching CUDA."""
+    _, _, idx = name.partition(":")
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and idx.isdigit()):
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")

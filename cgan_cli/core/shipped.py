@@ -1,0 +1,23 @@
+"""Where the shipped generators are, in a source checkout and in an installed wheel alike (torch-free)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_WEIGHTS_NAME = "cgan-rgb-default.safetensors"
+SHIPPED_PACKAGE = "cgan_cli.weights"  # the repo's weights/ folder, installed as package data (pyproject.toml)
+
+
+def shipped_weights_dir() -> Path:
+    """The installed package data, or weights/ of a source checkout run without installing."""
+    try:
+        return Path(str(resources.files(SHIPPED_PACKAGE)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "weights"
+
+
+def default_weights() -> Path | None:
+    """The shipped default generator, or None when this installation has none."""
+    path = shipped_weights_dir() / DEFAULT_WEIGHTS_NAME
+    return path if path.is_file() else None

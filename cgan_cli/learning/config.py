@@ -1,0 +1,91 @@
+"""The learning side's configs as dataclasses: their defaults are the CLI's defaults (torch-free).
+
+One place for every default of `cgan train` and `cgan verify`: the CLI reads them from here to show
+them in --help and to fill in options the user left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: Path
+    epochs: int = 1  # confounder-stage epochs over the data
+    code_epochs: int = 20  # classifier-stage epochs: the encoder must fit ~100% of the training images
+    batch_size: int = 128
+    lr_g: float = 0.01  # Adam, confounder stage (tiles + local head)
+    lr_code: float = 3e-3  # Adam, classifier stage (encoder + code head)
+    lr_d: float = 2e-4  # Adam, discriminator and noise classifier
+    lr_surrogate: float = 0.05  # SGD momentum, min-min surrogate
+    w_ny: float = 1.0  # noise-only classifier loss weight (N->Y)
+    w_minmin: float = 1.0  # surrogate cross-entropy on protected images
+    w_adv: float = 0.05  # hinge GAN generator loss
+    reset_every: int = 200  # surrogate re-initialisation period, in steps
+    augment: bool = True  # crop + flip (the victim's augmentation) inside the loop
+    epsilon: float = 8.0  # L-inf budget in /255 units
+    size: int = 64  # working resolution for folder datasets (built-in sets keep their own)
+    arch: str = "confounder-v3"  # or confounder-v2: the shallower encoder (docs/method.md)
+    width: int = 32
+    tile: int = 4
+    device: str = "auto"
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (autocast on CUDA only, as protect)
+    seed: int = 0
+    resume: Path | None = None
+    checkpoint_every: int = 500  # steps; 0 = no checkpoints
+    sample_every: int = 0  # steps; 0 = no sample grids
+    progress: bool = True
+    command: str = ""
+
+@dataclass
+class VictimConfig:
+    arch: str = "cnn"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1  # peak of a one-cycle schedule, SGD momentum 0.9 nesterov
+    weight_decay: float = 5e-4
+    augment: bool = True  # random crop (pad 1/8 of the side) + horizontal flip
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA only; CPU always trains in fp32
+
+@dataclass
+class EMConfig:
+    """Defaults follow the paper's sample-wise setting (20 PGD steps of eps/10, 10 train steps per round)."""
+
+    train_steps: int = 10  # surrogate SGD steps per round
+    pgd_steps: int = 20  # PGD steps on every delta per round
+    stop_error: float = 0.01  # stop once the surrogate's train error on x + delta is below this
+    max_rounds: int = 50  # safety cap; the report says whether the stop error was reached
+    batch_size: int = 128
+    lr: float = 0.1
+    surrogate_width: int = 32
+
+@dataclass
+class VerifyConfig:
+    victim: VictimConfig  # the recipe; its arch is replaced by each entry of `archs`
+    archs: list[str] = field(default_factory=lambda: ["cnn"])
+    countermeasures: list[str] = field(default_factory=lambda: ["none"])
+
+@dataclass
+class VerifyRequest:
+    """What the command line asked for, already parsed (cli.py only fills this in)."""
+
+    data: str | None = None
+    protected: Path | None = None
+    clean: Path | None = None
+    test: Path | None = None
+    weights: Path | None = None
+    epsilon: float | None = None
+    baselines: list[str] = field(default_factory=list)
+    size: int | None = None
+    channels: int | None = None
+    holdout: float = 0.2
+    limit: int | None = None
+    test_limit: int | None = None
+    report: Path | None = None
+    em: EMConfig = field(default_factory=EMConfig)
+    cfg: VerifyConfig = field(default_factory=lambda: VerifyConfig(VictimConfig()))

@@ -1,0 +1,117 @@
+"""What `cgan protect` shows and returns: progress, per-file failures, the closing line, the exit code.
+
+A progress bar (images/s, ETA) only on a terminal; with --json one JSON line (on stderr when stdout
+carries a tar stream); failed files are always listed on stderr; otherwise quiet when stdout is not
+a terminal. Exit codes: 0 every input protected or skipped, 1 any failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from cgan_cli.core.errors import UsageError
+from cgan_cli.protect.distributed import init_distributed, shutdown
+from cgan_cli.protect.manifest import ManifestRecord, RunSummary, ShardRunSummary
+from cgan_cli.protect.run import ProtectConfig, dry_run, run_protect
+from cgan_cli.protect.sources import ShardState, count_samples
+from cgan_cli.protect.tars import OutputClosed
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} img/s" if speed else "-- img/s")
+
+
+def _progress() -> Progress:
+    columns = [TextColumn("[bold]protect"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=Console(stderr=True), transient=False)
+
+
+def _closing_line(cfg: ProtectConfig, summary: RunSummary) -> str:
+    c = summary.counts
+    if isinstance(summary, ShardRunSummary):
+        s = summary.shards
+        return (f"shards: {s['done']} written, {s['skipped']} already done, {s['failed']} failed; members: "
+                f"protected {c['protected']}, passed through {c['skipped']}, failed {c['failed']} -> {cfg.out}")
+    return f"protected {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out} ({summary.images_per_second:.1f} img/s)"
+
+
+def _run(cfg: ProtectConfig, err: Console, tty: bool) -> tuple[RunSummary, bool]:
+    """Run with the right feedback; returns the summary and whether this process reports it (rank 0)."""
+    def failed(rec: ManifestRecord, console: Console = err) -> None:
+        if rec.status == "failed":
+            console.print(Text.assemble(("failed ", "red"), f"{rec.source}: {rec.error}"))
+
+    def shard_failed(state: ShardState) -> None:
+        if state.error:
+            err.print(f"failed shard {state.name}: {state.error}", markup=False)
+
+    if cfg.shard_mode:
+        ctx = init_distributed(cfg.device)
+        try:
+            return run_protect(cfg, ctx, on_record=failed, on_shard=shard_failed), ctx.is_main
+        finally:
+            shutdown(ctx)
+    if not tty:
+        return run_protect(cfg, on_record=failed), True
+    with _progress() as bar:
+        task = bar.add_task("protect", total=count_samples(list(cfg.inputs)))
+
+        def show(rec: ManifestRecord) -> None:
+            bar.advance(task)
+            failed(rec, bar.console)
+
+        return run_protect(cfg, on_record=show), True
+
+
+def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
+    """Run `cgan protect` as parsed by the CLI; returns the exit code (0 / 1 / 2), the same on every rank."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    json_stream = sys.stderr if cfg.to_stdout else sys.stdout
+    try:
+        if cfg.dry_run:
+            payload = dry_run(cfg, emit=(lambda line: None) if json_out else print)
+            if json_out:
+                print(json.dumps(payload, separators=(",", ":")))
+            elif not cfg.shard_mode and sys.stdout.isatty():
+                c = payload["counts"]
+                print(f"would protect {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out}")
+            return 0
+        summary, reports = _run(cfg, err, tty=sys.stdout.isatty() and not json_out and not cfg.shard_mode)
+    except UsageError as exc:
+        err.print(f"cgan protect: error: {exc}", markup=False)
+        return 2
+    except OutputClosed as exc:
+        # Point stdout at /dev/null so the interpreter's final flush cannot raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        err.print(f"cgan protect: stopped: {exc}; the output is incomplete", markup=False)
+        return 1
+    if not reports:
+        pass
+    elif json_out:
+        print(json.dumps(asdict(summary), separators=(",", ":")), file=json_stream)
+    elif isinstance(summary, ShardRunSummary):
+        err.print(_closing_line(cfg, summary), markup=False)
+        if summary.stale_removed:
+            err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
+                      + ", ".join(sorted(summary.stale_removed)), markup=False)
+    elif sys.stdout.isatty():
+        print(_closing_line(cfg, summary))
+    return summary.exit_code
