@@ -117,7 +117,10 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from cgan_cli.protect.sources import folder_samples
+    try:
+        from cgan_cli.protect.sources import folder_samples
+    except ImportError:  # an older tree (--baseline-tree)
+        from cgan_cli.sources import folder_samples
 
     t0 = time.perf_counter()
     FolderSink(out)  # create the folder, sweep stale temps: as protect's sink does once
@@ -132,14 +135,17 @@ def child_floor(src: Path, out: Path, workers: int) -> dict:
 
 
 def child_protect(src: Path, out: Path, workers: int, weights: Path, batch: int, measure_written: bool, device: str) -> dict:
-    try:  # as `cgan protect` does: the workers' fork server imports torch while this process does
+    try:  # the package layout since the core/protect/learning split
         from cgan_cli.protect.workers import start_fork_server
-    except ImportError:  # an older tree (--baseline-tree) without it
-        start_fork_server = lambda: None  # noqa: E731
-    if workers > 0:
+    except ImportError:  # an older tree (--baseline-tree): flat modules
+        from cgan_cli.workers import start_fork_server
+    if workers > 0:  # as `cgan protect` does: the workers' fork server imports torch while this process does
         start_fork_server()
-    from cgan_cli.protect.config import ProtectConfig
-    from cgan_cli.protect.run import run_protect
+    try:
+        from cgan_cli.protect.config import ProtectConfig
+        from cgan_cli.protect.run import run_protect
+    except ImportError:
+        from cgan_cli.protect import ProtectConfig, run_protect
 
     extra = {"measure_written": True} if measure_written else {}  # (older trees, for --baseline-tree, lack the field)
     cfg = ProtectConfig((str(src),), out, weights=weights, device=device, workers=workers, batch_size=batch, **extra)
