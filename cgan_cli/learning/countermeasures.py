@@ -11,7 +11,9 @@ Two kinds; the test set is never protected, whatever the countermeasure:
   and protected runs see identical randomness): `strong-aug` (cutout + mixup), `adv:EPS` (PGD
   adversarial training).
 
-`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`.
+`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`. To add one: a
+builder here under `@register("name:ARG")` plus its help line in core/choices.py COUNTERMEASURES
+(a test checks that both list the same forms).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from cgan_cli.learning.victims import BatchHook
 
 DataTransform = Callable[[torch.Tensor], torch.Tensor]
 HookFactory = Callable[[int, int], BatchHook]  # (seed, num_classes) -> hook
-
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -169,27 +170,72 @@ def _number(spec: str, arg: str, kind: type) -> float:
         raise ValueError(f"countermeasure {spec!r}: {arg!r} is not a valid {kind.__name__}") from None
 
 
+def _above(spec: str, arg: str, bound: float) -> float:
+    value = float(_number(spec, arg, float))
+    if value <= bound:
+        raise ValueError(f"countermeasure {spec!r}: {spec.partition(':')[0].strip().lower()} needs a value > {bound:g}")
+    return value
+
+
+Builder = Callable[[str, str], Countermeasure]  # (whole spec, argument after the colon) -> Countermeasure
+
+REGISTRY: dict[str, Builder] = {}
+"""Spec form (a key of core.choices.COUNTERMEASURES, e.g. `jpeg:Q`) -> builder. `:X` = takes an argument."""
+
+
+def register(form: str) -> Callable[[Builder], Builder]:
+    def add(build: Builder) -> Builder:
+        REGISTRY[form] = build
+        return build
+
+    return add
+
+
+@register("none")
+def _none(spec: str, arg: str) -> Countermeasure:
+    return Countermeasure(spec)
+
+
+@register("jpeg:Q")
+def _jpeg(spec: str, arg: str) -> Countermeasure:
+    quality = int(_number(spec, arg, int))
+    jpeg(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), quality)  # validates the range now, not mid-run
+    return Countermeasure(spec, transform=lambda p: jpeg(p, quality))
+
+
+@register("grayscale")
+def _grayscale(spec: str, arg: str) -> Countermeasure:
+    return Countermeasure(spec, transform=grayscale)
+
+
+@register("blur:SIGMA")
+def _blur(spec: str, arg: str) -> Countermeasure:
+    sigma = _above(spec, arg, 0)
+    return Countermeasure(spec, transform=lambda p: gaussian_blur(p, sigma))
+
+
+@register("rescale:F")
+def _rescale(spec: str, arg: str) -> Countermeasure:
+    factor = _above(spec, arg, 1)
+    return Countermeasure(spec, transform=lambda p: rescale(p, factor))
+
+
+@register("strong-aug")
+def _strong_aug(spec: str, arg: str) -> Countermeasure:
+    return Countermeasure(spec, make_hook=strong_aug_hook)
+
+
+@register("adv:EPS")
+def _adv(spec: str, arg: str) -> Countermeasure:
+    epsilon = _above(spec, arg, 0)
+    return Countermeasure(spec, make_hook=lambda seed, k: adversarial_hook(seed, k, epsilon))
+
+
 def parse_countermeasure(spec: str) -> Countermeasure:
-    """`jpeg:75` -> Countermeasure; raises ValueError naming the valid forms on anything else."""
+    """`jpeg:75` -> Countermeasure via REGISTRY; raises ValueError naming the valid forms on anything else."""
     name, _, arg = spec.strip().partition(":")
-    name = name.lower()
-    if name in ("none", "grayscale", "strong-aug") and not arg:
-        if name == "grayscale":
-            return Countermeasure(spec, transform=grayscale)
-        if name == "strong-aug":
-            return Countermeasure(spec, make_hook=strong_aug_hook)
-        return Countermeasure(spec)
-    if name in ("jpeg", "blur", "rescale", "adv") and arg:
-        if name == "jpeg":
-            quality = int(_number(spec, arg, int))
-            jpeg(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), quality)  # validates the range now, not mid-run
-            return Countermeasure(spec, transform=lambda p: jpeg(p, quality))
-        value = float(_number(spec, arg, float))
-        if value <= 0 or (name == "rescale" and value <= 1):
-            raise ValueError(f"countermeasure {spec!r}: {name} needs a value > {1 if name == 'rescale' else 0}")
-        if name == "blur":
-            return Countermeasure(spec, transform=lambda p: gaussian_blur(p, value))
-        if name == "rescale":
-            return Countermeasure(spec, transform=lambda p: rescale(p, value))
-        return Countermeasure(spec, make_hook=lambda seed, k: adversarial_hook(seed, k, value))
+    for form, build in REGISTRY.items():
+        form_name, _, form_arg = form.partition(":")
+        if name.lower() == form_name and bool(arg) == bool(form_arg):
+            return build(spec, arg)
     raise ValueError(f"unknown countermeasure {spec!r}; valid forms: {', '.join(COUNTERMEASURES)}")
