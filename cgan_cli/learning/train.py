@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cgan_cli import __version__
+from cgan_cli.core.atomic import atomic_open, write_atomic
 from cgan_cli.core.device import (
     autocast_context,
     resolve_device,
@@ -346,7 +347,7 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     save_generator(out, nets.gen.cpu().eval(), meta)
-    sibling(out, ".metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(sibling(out, ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
     return TrainResult(out, step, seconds, metrics)
 
 
@@ -355,8 +356,8 @@ def write_sample(gen: nn.Module, x: torch.Tensor, epsilon: float, path: Path) ->
     gen.eval()
     protected = protect_tensor(gen, x, epsilon)
     gen.train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(x, protected, epsilon).save(path)
+    with atomic_open(path) as fh:
+        sample_grid(x, protected, epsilon).save(fh, "PNG")
 
 
 WELL_FIT = 0.99  # code train accuracy below which `cgan train` warns (docs/method.md: protection needs ~100%)

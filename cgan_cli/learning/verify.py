@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cgan_cli import __version__
+from cgan_cli.core.atomic import atomic_open, write_atomic
 from cgan_cli.core.device import resolve_device, resolve_precision
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
@@ -292,8 +293,8 @@ def plot_curves(rows: list[Row], path: Path, panel: tuple[int, int] = (360, 260)
         draw.line((12, ly + 18 * i + 6, 40, ly + 18 * i + 6), fill=color, width=3)
         draw.text((48, ly + 18 * i), label, fill="black", font=font)
     draw.text((cols * pw - 150, ly), "gray dashes: chance", fill=(110, 110, 110), font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_open(path) as fh:
+        img.save(fh, "PNG")
 
 
 def machine() -> dict[str, Any]:
@@ -428,8 +429,7 @@ def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row
     report = build_report(rows, methods, clean, test, req.cfg, inputs, weights_record, time.perf_counter() - start)
     report_path = Path(req.report) if req.report else default_report_path(req)
     plot_path = report_path.with_name(report_path.stem.removesuffix("-report") + "-curves.png")
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(report_path, json.dumps(report, indent=2) + "\n")
     plot_curves(rows, plot_path)
     return rows, report, report_path, plot_path
 
