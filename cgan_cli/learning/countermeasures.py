@@ -11,9 +11,9 @@ Two kinds; the test set is never protected, whatever the countermeasure:
   and protected runs see identical randomness): `strong-aug` (cutout + mixup), `adv:EPS` (PGD
   adversarial training).
 
-`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`. To add one: a
-builder here under `@register("name:ARG")` plus its help line in core/choices.py COUNTERMEASURES
-(a test checks that both list the same forms).
+`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`. To add one: its
+builder in REGISTRY plus its help line in core/choices.py COUNTERMEASURES (a test checks that both
+list the same forms).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -177,58 +178,23 @@ def _above(spec: str, arg: str, bound: float) -> float:
     return value
 
 
-Builder = Callable[[str, str], Countermeasure]  # (whole spec, argument after the colon) -> Countermeasure
-
-REGISTRY: dict[str, Builder] = {}
-"""Spec form (a key of core.choices.COUNTERMEASURES, e.g. `jpeg:Q`) -> builder. `:X` = takes an argument."""
-
-
-def register(form: str) -> Callable[[Builder], Builder]:
-    def add(build: Builder) -> Builder:
-        REGISTRY[form] = build
-        return build
-
-    return add
-
-
-@register("none")
-def _none(spec: str, arg: str) -> Countermeasure:
-    return Countermeasure(spec)
-
-
-@register("jpeg:Q")
-def _jpeg(spec: str, arg: str) -> Countermeasure:
+def _quality(spec: str, arg: str) -> int:
     quality = int(_number(spec, arg, int))
     jpeg(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), quality)  # validates the range now, not mid-run
-    return Countermeasure(spec, transform=lambda p: jpeg(p, quality))
+    return quality
 
 
-@register("grayscale")
-def _grayscale(spec: str, arg: str) -> Countermeasure:
-    return Countermeasure(spec, transform=grayscale)
+Builder = Callable[[str, str], Countermeasure]  # (whole spec, argument after the colon) -> Countermeasure
 
-
-@register("blur:SIGMA")
-def _blur(spec: str, arg: str) -> Countermeasure:
-    sigma = _above(spec, arg, 0)
-    return Countermeasure(spec, transform=lambda p: gaussian_blur(p, sigma))
-
-
-@register("rescale:F")
-def _rescale(spec: str, arg: str) -> Countermeasure:
-    factor = _above(spec, arg, 1)
-    return Countermeasure(spec, transform=lambda p: rescale(p, factor))
-
-
-@register("strong-aug")
-def _strong_aug(spec: str, arg: str) -> Countermeasure:
-    return Countermeasure(spec, make_hook=strong_aug_hook)
-
-
-@register("adv:EPS")
-def _adv(spec: str, arg: str) -> Countermeasure:
-    epsilon = _above(spec, arg, 0)
-    return Countermeasure(spec, make_hook=lambda seed, k: adversarial_hook(seed, k, epsilon))
+REGISTRY: dict[str, Builder] = {  # spec form (a key of core.choices.COUNTERMEASURES; `:X` takes an argument) -> builder
+    "none": lambda spec, arg: Countermeasure(spec),
+    "jpeg:Q": lambda spec, arg: Countermeasure(spec, transform=partial(jpeg, quality=_quality(spec, arg))),
+    "grayscale": lambda spec, arg: Countermeasure(spec, transform=grayscale),
+    "blur:SIGMA": lambda spec, arg: Countermeasure(spec, transform=partial(gaussian_blur, sigma=_above(spec, arg, 0))),
+    "rescale:F": lambda spec, arg: Countermeasure(spec, transform=partial(rescale, factor=_above(spec, arg, 1))),
+    "strong-aug": lambda spec, arg: Countermeasure(spec, make_hook=strong_aug_hook),
+    "adv:EPS": lambda spec, arg: Countermeasure(spec, make_hook=partial(adversarial_hook, epsilon=_above(spec, arg, 0))),
+}
 
 
 def parse_countermeasure(spec: str) -> Countermeasure:
