@@ -206,7 +206,6 @@ def test_cli_reports_mismatched_trees_clearly(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "'vit'" in result.output
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
 def test_cli_builtin_fashion_mnist_with_limits(tmp_path: Path) -> None:
     report = tmp_path / "fm.json"
