@@ -125,9 +125,11 @@ GOOD = ("exif_jpeg", "rgba_png", "gray_png", "gray16_png", "palette_png", "large
 BAD = ("cmyk_jpeg", "rgb48_png", "truncated_png", "zero_jpeg", "text_as_png", "bomb_png")
 
 
-@pytest.fixture
-def zoo(tmp_path) -> dict[str, Path]:
-    return write_zoo(tmp_path / "photos")
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    """Built once per session (its 600x900 JPEG is the costly part); tests only read it: protect
+    never writes into its input, and the zoo test checks that by hash."""
+    return write_zoo(tmp_path_factory.mktemp("zoo") / "photos")
 
 
 def read_records(path: Path) -> list[dict]:

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cgan_cli.core.choices import COUNTERMEASURES
 from cgan_cli.learning.countermeasures import (
+    REGISTRY,
     adversarial_hook,
     gaussian_blur,
     grayscale,
@@ -138,3 +140,15 @@ def test_parse_countermeasure_accepts_the_documented_forms_and_rejects_others() 
     for bad in ("jpeg:0", "jpeg:abc", "rescale:1", "blur:-1", "sharpen", "jpeg", "grayscale:2"):
         with pytest.raises(ValueError):
             parse_countermeasure(bad)
+
+
+def test_registry_and_cli_help_list_the_same_countermeasures() -> None:
+    """A countermeasure is one builder in REGISTRY plus one help line in COUNTERMEASURES: never one without the other."""
+    assert list(REGISTRY) == list(COUNTERMEASURES)
+    x = textured(n=1, channels=3, size=16)
+    for form in COUNTERMEASURES:
+        name, _, arg = form.partition(":")
+        spec = f"{name}:2" if arg else name  # 2 is valid for every argument (quality, sigma, factor, eps)
+        parsed = parse_countermeasure(spec)
+        assert parsed.spec == spec
+        assert parsed.apply(x).shape == x.shape

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 from test_shards import sample_members, write_tar
 
 from cgan_cli.protect.distributed import DistContext, init_distributed, rank_share
@@ -43,6 +44,7 @@ def test_without_torchrun_there_is_no_process_group(monkeypatch):
     assert (ctx.rank, ctx.world_size, ctx.active, ctx.device) == (0, 1, False, "cpu")
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_ranks_protect_disjoint_shards(tmp_path: Path, rgb_weights: Path):
     src = tmp_path / "src"
     src.mkdir()

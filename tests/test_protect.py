@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import (
     BAD,
@@ -29,6 +30,7 @@ from typer.testing import CliRunner
 from cgan_cli.cli import app
 from cgan_cli.core.engine import TILE, EngineConfig, ProtectEngine, to_float
 from cgan_cli.core.formats import EncodeOptions, decode_image
+from cgan_cli.core.noise import NoiseAdder
 from cgan_cli.protect.manifest import ManifestRecord
 from cgan_cli.protect.pipeline import protect_stream
 from cgan_cli.protect.sinks import FolderSink
@@ -59,7 +61,7 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 def test_zoo_protects_good_fails_bad_and_never_touches_inputs(tmp_path: Path, zoo: dict[str, Path], rgb_weights: Path) -> None:
-    root, out = tmp_path / "photos", tmp_path / "out"
+    root, out = zoo["exif_jpeg"].parent, tmp_path / "out"
     before = _tree_hashes(root)
     res = _run(str(root), "--out", str(out), "--weights", str(rgb_weights), "--workers", "0", "--json")
     assert res.exit_code == 1, res.output
@@ -74,7 +76,7 @@ def test_zoo_protects_good_fails_bad_and_never_touches_inputs(tmp_path: Path, zo
         written = out / rec["output"]
         assert rec["sha256_out"] == _sha(written) and rec["bytes_out"] == written.stat().st_size
         assert rec["sha256_in"] == _sha(zoo[key]) and rec["bytes_in"] == zoo[key].stat().st_size
-        assert rec["linf"] > 0 and rec["psnr"] > 25 and rec["seconds"] >= 0
+        assert rec["linf"] > 0 and rec["psnr"] > 25 and 0 < rec["seconds"] <= summary["wall_seconds"]
         with Image.open(zoo[key]) as src, Image.open(written) as dst:
             assert ImageOps.exif_transpose(src).size == dst.size and src.format == dst.format
     errors = {key: recs[str(zoo[key])]["error"] for key in BAD}
@@ -90,7 +92,7 @@ def test_zoo_protects_good_fails_bad_and_never_touches_inputs(tmp_path: Path, zo
 
 def test_modes_alpha_and_exif(tmp_path: Path, zoo: dict[str, Path], rgb_weights: Path) -> None:
     out = tmp_path / "out"
-    _run(str(tmp_path / "photos"), "--out", str(out), "--weights", str(rgb_weights), "--workers", "0")
+    _run(str(zoo["exif_jpeg"].parent), "--out", str(out), "--weights", str(rgb_weights), "--workers", "0")
     rgba_in, rgba_out = Image.open(zoo["rgba_png"]), Image.open(out / "cutout.png")
     assert rgba_out.mode == "RGBA"
     assert np.array_equal(np.asarray(rgba_out)[..., 3], np.asarray(rgba_in)[..., 3])
@@ -144,10 +146,12 @@ def test_cpu_fixed_point_path_matches_float_path_within_one_level(rgb_weights: P
     photo[:40] = 255
     photo[-40:] = 0  # clipping at both ends of the range
     engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", epsilon=6.0))
+    add_noise = NoiseAdder(6.0, torch.device("cpu"))
     with torch.inference_mode():
         noise = engine.generate(to_float(photo, engine.device, engine.working_shape(*photo.shape[:2])))
-        fixed = engine.add_noise.fixed_point(photo, noise, 6).astype(int)
-        floating = engine.add_noise.full_float(photo, noise, 255, 6).astype(int)
+        fixed = add_noise.fixed_point(photo, noise, 6).astype(int)
+        floating = add_noise.full_float(photo, noise, 255, 6).astype(int)
+    assert np.array_equal(engine.protect_batch([photo])[0], fixed)  # the engine takes the fixed-point path here
     assert fixed.shape == photo.shape
     assert np.abs(fixed - photo).max() == 6 and np.abs(floating - photo).max() == 6
     assert np.abs(fixed - floating).max() <= 1
@@ -277,6 +281,7 @@ def test_ordered_sink_gets_input_order_with_mixed_shapes_and_passthrough(rgb_wei
     assert sink.items[1][1] == b"0"
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_truncated_output_and_rerun_resumes(tmp_path: Path, rgb_weights: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -343,6 +348,7 @@ def test_folder_mode_under_torchrun_is_refused(tmp_path: Path, rgb_weights: Path
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_engine_placement_does_not_change_outputs(tmp_path: Path, rgb_weights: Path) -> None:
     """CPU workers that each run the generator, everything in one process, and the GPU layout (decode
     workers -> one engine in the main process -> encode threads, run here on the CPU) must write the
@@ -383,6 +389,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_main_process_is_killed(tmp_path: Path, rgb_weights: Path) -> None:
     """SIGKILL of `cgan protect` alone (no process group kill) must not leave its workers running."""
     src = tmp_path / "in"

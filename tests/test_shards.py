@@ -190,6 +190,7 @@ def test_forced_format_renames_image_members_only(tmp_path, rgb_weights):
                                          "s0/0001.json", "s0/x.left.png", "s0/x.txt"]
 
 
+@pytest.mark.slow
 def test_stdin_to_stdout_and_pipe_url(tmp_path, rgb_weights):
     members = sample_members(5)
     shard = write_tar(tmp_path / "in.tar", members)
@@ -207,6 +208,7 @@ def test_stdin_to_stdout_and_pipe_url(tmp_path, rgb_weights):
             assert_protected_copy(dict(members), {m.name: tar.extractfile(m).read() for m in tar.getmembers()})
 
 
+@pytest.mark.slow
 def test_reader_closing_stdout_stops_the_run_with_one_message(tmp_path, rgb_weights):
     """`cgan protect shards --out - | head -c N`: stop at once, say so once, exit 1 (output incomplete)."""
     members = [(f"{i:04d}.png", image_bytes(i, "PNG", size=(120, 160))) for i in range(30)]

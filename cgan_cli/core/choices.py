@@ -45,7 +45,7 @@ class Baseline(str, Enum):
     em = "em"
 
 
-COUNTERMEASURES = {  # spec form -> what it does; learning/countermeasures.py implements exactly these
+COUNTERMEASURES = {  # spec form -> what it does; learning/countermeasures.py REGISTRY builds exactly these
     "none": "the plain victim recipe",
     "jpeg:Q": "re-encode training images as JPEG at quality Q (e.g. jpeg:75)",
     "grayscale": "replace every channel by the luma (no-op on 1-channel data)",

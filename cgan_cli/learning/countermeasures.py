@@ -11,7 +11,9 @@ Two kinds; the test set is never protected, whatever the countermeasure:
   and protected runs see identical randomness): `strong-aug` (cutout + mixup), `adv:EPS` (PGD
   adversarial training).
 
-`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`.
+`none` is the plain recipe. Parse a command-line spec with `parse_countermeasure`. To add one: its
+builder in REGISTRY plus its help line in core/choices.py COUNTERMEASURES (a test checks that both
+list the same forms).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -33,7 +36,6 @@ from cgan_cli.learning.victims import BatchHook
 
 DataTransform = Callable[[torch.Tensor], torch.Tensor]
 HookFactory = Callable[[int, int], BatchHook]  # (seed, num_classes) -> hook
-
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -169,27 +171,37 @@ def _number(spec: str, arg: str, kind: type) -> float:
         raise ValueError(f"countermeasure {spec!r}: {arg!r} is not a valid {kind.__name__}") from None
 
 
+def _above(spec: str, arg: str, bound: float) -> float:
+    value = float(_number(spec, arg, float))
+    if value <= bound:
+        raise ValueError(f"countermeasure {spec!r}: {spec.partition(':')[0].strip().lower()} needs a value > {bound:g}")
+    return value
+
+
+def _quality(spec: str, arg: str) -> int:
+    quality = int(_number(spec, arg, int))
+    jpeg(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), quality)  # validates the range now, not mid-run
+    return quality
+
+
+Builder = Callable[[str, str], Countermeasure]  # (whole spec, argument after the colon) -> Countermeasure
+
+REGISTRY: dict[str, Builder] = {  # spec form (a key of core.choices.COUNTERMEASURES; `:X` takes an argument) -> builder
+    "none": lambda spec, arg: Countermeasure(spec),
+    "jpeg:Q": lambda spec, arg: Countermeasure(spec, transform=partial(jpeg, quality=_quality(spec, arg))),
+    "grayscale": lambda spec, arg: Countermeasure(spec, transform=grayscale),
+    "blur:SIGMA": lambda spec, arg: Countermeasure(spec, transform=partial(gaussian_blur, sigma=_above(spec, arg, 0))),
+    "rescale:F": lambda spec, arg: Countermeasure(spec, transform=partial(rescale, factor=_above(spec, arg, 1))),
+    "strong-aug": lambda spec, arg: Countermeasure(spec, make_hook=strong_aug_hook),
+    "adv:EPS": lambda spec, arg: Countermeasure(spec, make_hook=partial(adversarial_hook, epsilon=_above(spec, arg, 0))),
+}
+
+
 def parse_countermeasure(spec: str) -> Countermeasure:
-    """`jpeg:75` -> Countermeasure; raises ValueError naming the valid forms on anything else."""
+    """`jpeg:75` -> Countermeasure via REGISTRY; raises ValueError naming the valid forms on anything else."""
     name, _, arg = spec.strip().partition(":")
-    name = name.lower()
-    if name in ("none", "grayscale", "strong-aug") and not arg:
-        if name == "grayscale":
-            return Countermeasure(spec, transform=grayscale)
-        if name == "strong-aug":
-            return Countermeasure(spec, make_hook=strong_aug_hook)
-        return Countermeasure(spec)
-    if name in ("jpeg", "blur", "rescale", "adv") and arg:
-        if name == "jpeg":
-            quality = int(_number(spec, arg, int))
-            jpeg(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), quality)  # validates the range now, not mid-run
-            return Countermeasure(spec, transform=lambda p: jpeg(p, quality))
-        value = float(_number(spec, arg, float))
-        if value <= 0 or (name == "rescale" and value <= 1):
-            raise ValueError(f"countermeasure {spec!r}: {name} needs a value > {1 if name == 'rescale' else 0}")
-        if name == "blur":
-            return Countermeasure(spec, transform=lambda p: gaussian_blur(p, value))
-        if name == "rescale":
-            return Countermeasure(spec, transform=lambda p: rescale(p, value))
-        return Countermeasure(spec, make_hook=lambda seed, k: adversarial_hook(seed, k, value))
+    for form, build in REGISTRY.items():
+        form_name, _, form_arg = form.partition(":")
+        if name.lower() == form_name and bool(arg) == bool(form_arg):
+            return build(spec, arg)
     raise ValueError(f"unknown countermeasure {spec!r}; valid forms: {', '.join(COUNTERMEASURES)}")
