@@ -80,6 +80,12 @@ def time_untrained_generator(limit: int | None, seed: int, epsilon: float) -> di
             "note": "untrained weights of the default architecture: timing only"}
 
 
+def shown_path(path: str) -> str:
+    """A weights path as a reader can rerun it: repo-relative, else its file name under runs/."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else f"runs/{resolved.name}"
+
+
 def fmt_pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -128,7 +134,7 @@ def render(reports: list[dict]) -> str:
     lines += ["", "Runs (exact commands and machines):", ""]
     for rep in reports:
         mach, w = rep["machine"], rep["weights"]
-        weights = f"`{Path(w['path']).resolve().relative_to(ROOT)}` sha256 `{w['sha256'][:16]}…`" if w else "none (baselines only)"
+        weights = f"`{shown_path(w['path'])}` sha256 `{w['sha256'][:16]}…`" if w else "none (baselines only)"
         lines.append(f"- `{rep['tag']}`: `{rep['command']}` — cgan {rep['cgan_version']}, torch {rep['torch_version']}, "
                      f"{mach['processor']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch thread(s), "
                      f"{rep['created']}, {rep['seconds'] / 60:.1f} min total; seed {rep['seed']}, epsilon {rep['config']['epsilon']:g}/255, "
