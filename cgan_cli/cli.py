@@ -36,8 +36,9 @@ app = typer.Typer(
     help="Make image data unlearnable: add bounded, imperceptible ConfounderGAN noise to every image.",
     rich_markup_mode="rich",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 PROTECT = ProtectConfig(inputs=(), out=Path())  # the defaults, read by the options below
@@ -64,41 +65,67 @@ _IO, _PROT, _PERF, _SHARDS = "Input/Output", "Protection", "Performance", "WebDa
 
 @app.command("protect")
 def protect_command(
-    src: list[str] = typer.Argument(..., help="Folders (recursive), image files, or - to read newline-separated paths from stdin.", show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: mirrors the input tree; holds manifest.jsonl and summary.json. Must not be inside an input.", rich_help_panel=_IO),
-    fmt: OutputFormat | None = typer.Option(None, "--format", help="Force the output format (changes the file suffix). Default: keep each file's format.", rich_help_panel=_IO),
+    src: list[str] = typer.Argument(..., metavar="SRC", help="Folders (recursive), image files, or - to read newline-separated paths from stdin.", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", metavar="DIR|FILE", help="Output folder: mirrors the input tree; holds manifest.jsonl and summary.json. Must not be inside an input. Default for one folder or file SRC: SRC-protected next to it. One image SRC and an image file name here: writes just that file.", show_default=False, rich_help_panel=_IO),
+    fmt: OutputFormat | None = typer.Option(None, "--format", case_sensitive=False, help="Force the output format (changes the file suffix; jpg = jpeg). Default: keep each file's format.", rich_help_panel=_IO),
     quality: int | None = typer.Option(None, "--quality", min=1, max=100, help="JPEG / lossy-WebP quality. Default: reuse the source JPEG's quantisation tables; 95 otherwise.", rich_help_panel=_IO),
     dry_run: bool = typer.Option(PROTECT.dry_run, "--dry-run", help="List what would be protected or skipped; decode and write nothing.", rich_help_panel=_IO),
     measure_written: bool = typer.Option(PROTECT.measure_written, "--measure-written", help="Re-decode every output and record its written_linf / written_psnr (what a lossy re-encode really delivered); costs one more decode per image.", rich_help_panel=_IO),
     json_out: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout.", rich_help_panel=_IO),
-    weights: Path | None = typer.Option(None, "--weights", "-w", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
-    epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the epsilon stored with the weights.", rich_help_panel=_PROT),
+    weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
+    epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights (a larger one warns).", rich_help_panel=_PROT),
     full_res: bool = typer.Option(PROTECT.full_res, "--full-res", help="Run the generator at native resolution (tiled) instead of the weights' working resolution.", rich_help_panel=_PROT),
     seed: int = typer.Option(PROTECT.seed, "--seed", help="Seeds torch before protecting (reproducibility for stochastic generators; recorded).", rich_help_panel=_PROT),
-    device: str = typer.Option(PROTECT.device, "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
+    device: str = typer.Option(PROTECT.device, "--device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
     precision: Precision = typer.Option(PROTECT.precision, "--precision", help="Reduced precision uses autocast on CUDA; CPU runs fp32.", rich_help_panel=_PERF),
     batch_size: int = typer.Option(PROTECT.batch_size, "--batch-size", min=1, help="Images per generator call (images of one working shape share a batch).", rich_help_panel=_PERF),
     workers: int | None = typer.Option(None, "--workers", min=0, help="Worker processes: each decodes, protects (on the CPU) and encodes its share; on a GPU they decode and the main process runs the generator (0 = all in the main process). Default: min(4, CPUs).", rich_help_panel=_PERF),
-    shards: bool = typer.Option(PROTECT.stdin_tar, "--shards", help="SRC - is a tar stream on stdin. Shard paths, brace patterns ('a-{000..127}.tar') and pipe:CMD are detected without it; --out - writes one tar stream to stdout.", rich_help_panel=_SHARDS),
+    shards: bool = typer.Option(PROTECT.stdin_tar, "--shards", help="SRC - is a tar stream on stdin (detected without it too). Shard paths, brace patterns ('a-{000..127}.tar') and pipe:CMD are detected without it; --out - writes one tar stream to stdout.", rich_help_panel=_SHARDS),
     shard_size: int | None = typer.Option(None, "--shard-size", min=1, help="Re-shard: at most this many samples (keys) per output shard, named by --shard-pattern.", rich_help_panel=_SHARDS),
-    shard_pattern: str = typer.Option(PROTECT.shard_pattern, "--shard-pattern", help="Output shard names when re-sharding (ShardWriter style).", rich_help_panel=_SHARDS),
+    shard_pattern: str = typer.Option(PROTECT.shard_pattern, "--shard-pattern", metavar="PATTERN", help="Output shard names when re-sharding (ShardWriter style).", rich_help_panel=_SHARDS),
 ) -> None:
     """Protect images: write a protected copy of every input under --out, with a manifest.
 
-    Exit code 0 when every input was protected or skipped (resume), 1 when any failed, 2 for usage errors.
+    [bold]Examples[/bold]
+
+      cgan protect ./photos                      [dim]# -> ./photos-protected[/dim]
+
+      cgan protect photo.jpg --out photo-protected.jpg
+
+      find . -name '*.jpg' | cgan protect - --out ./protected --json
+
+    Exit code 0 when every input was protected, skipped (resume) or ignored, 1 when any failed, 2 for usage
+    errors, 130 when interrupted (rerun the same command to resume).
     """
-    from cgan_cli.protect.workers import start_fork_server
+    from cgan_cli.core.errors import UsageError
+    from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line, preflight
 
     cfg = ProtectConfig(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=Precision(precision).value, batch_size=batch_size,
-        workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.value if fmt else None, quality=quality,
+        workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.canonical if fmt else None, quality=quality,
         full_res=full_res, dry_run=dry_run, measure_written=measure_written, stdin_tar=shards, shard_size=shard_size,
         shard_pattern=shard_pattern,
     )
-    if cfg.workers > 0 and not dry_run:
-        start_fork_server()  # the workers' torch import runs beside this process's own, just below
-    from cgan_cli.protect.console import protect_cli  # lazy: keeps `cgan --help` fast
+    try:
+        checked = preflight(cfg)  # every usage error before torch or any worker starts
+    except UsageError as exc:
+        typer.echo(f"cgan protect: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for note in checked.notes:
+        typer.echo(note, err=True)
+    if checked.nothing_to_do:
+        typer.echo(checked.nothing_to_do, err=True)
+        raise typer.Exit(0)
+    cfg = checked.cfg
+    try:
+        if cfg.workers > 0 and not dry_run:
+            from cgan_cli.protect.workers import start_fork_server
 
+            start_fork_server()  # the workers' torch import runs beside this process's own, just below
+        from cgan_cli.protect.console import protect_cli  # lazy: keeps `cgan --help` fast
+    except KeyboardInterrupt:
+        typer.echo(interrupted_line(0), err=True)
+        raise typer.Exit(INTERRUPTED) from None
     raise typer.Exit(protect_cli(cfg, json_out=json_out))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cgan_cli.core.choices import STDIN, check_device_name, check_epsilon
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.formats import FORCED_FORMATS, EncodeOptions
+from cgan_cli.core.formats import FORCED_FORMATS, EncodeOptions, is_image_name
 from cgan_cli.core.shipped import default_weights
 from cgan_cli.protect.workers import default_workers
 
@@ -17,7 +17,7 @@ class ProtectConfig:
     """Everything `cgan protect` was asked to do; the CLI's defaults are these."""
 
     inputs: tuple[str, ...]
-    out: Path
+    out: Path  # the CLI fills in a default (protect/preflight.py) before anything runs
     weights: Path | None = None  # None = the shipped default, which must exist (never random weights)
     epsilon: float | None = None
     device: str = "auto"
@@ -47,6 +47,13 @@ class ProtectConfig:
 
         return (self.stdin_tar or self.shard_size is not None or self.to_stdout
                 or any(s != STDIN and looks_like_shards(s) for s in self.inputs))
+
+    @property
+    def single_file(self) -> bool:
+        """One image file in, one image file out: SRC is one file and --out has an image suffix."""
+        if len(self.inputs) != 1 or self.inputs[0] == STDIN or not is_image_name(str(self.out)) or Path(self.out).is_dir():
+            return False
+        return Path(self.inputs[0]).is_file() and not self.shard_mode
 
     def checked(self) -> "ProtectConfig":
         """Usage errors in the options themselves (cheap: no torch work); the weights path resolved."""
