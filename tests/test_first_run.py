@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,9 +98,13 @@ def test_outputs_get_the_umask_permissions_of_a_normal_file(tmp_path: Path, rgb_
 @pytest.mark.slow
 def test_built_wheel_protects_with_its_shipped_weights(tmp_path: Path) -> None:
     """A wheel built from the repo, installed outside it, finds its default generator as package data."""
-    wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    src, wheels, site, work = tmp_path / "src", tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
     work.mkdir()
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+    for name in ("cgan_cli", "weights"):  # build from a copy: an in-tree build leaves build/ behind
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.ckpt.safetensors"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
                            cwd=tmp_path, capture_output=True, timeout=600)
     assert build.returncode == 0, build.stderr.decode()
     (wheel,) = wheels.glob("cgan-*.whl")
