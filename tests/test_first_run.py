@@ -360,3 +360,51 @@ def test_format_aliases_and_short_help(tmp_path: Path, rgb_weights: Path) -> Non
     for command in ([], ["protect"], ["train"], ["verify"]):
         res = CliRunner().invoke(app, [*command, "-h"])
         assert res.exit_code == 0 and "Usage" in res.output, (command, res.output)
+
+
+# ---------------------------------------------------------------- cgan verify: results that say how far to trust them
+
+
+def _edgy(size: int = 64) -> np.ndarray:
+    """Hard edges: where a bicubic resize overshoots most."""
+    y, x = np.mgrid[0:size, 0:size]
+    board = (((x // 8) + (y // 8)) % 2 * 200 + 28).astype(np.uint8)
+    return np.dstack([board, 255 - board, board])
+
+
+def test_verify_warns_gives_intervals_measures_native_linf_and_keeps_earlier_reports(tmp_path: Path) -> None:
+    """Identical images in both classes: the clean-trained victim cannot beat chance, and must be flagged.
+    The protected tree holds pixel-scale noise of exactly 8/255 (what --full-res writes)."""
+    from cgan_cli.learning.data import load_labeled
+    from cgan_cli.learning.verify import measured_linf
+
+    noise = np.random.default_rng(0).choice([-8, 8], size=(64, 64, 1))
+    for split, count in (("clean", 4), ("test", 3)):
+        for cls in ("a", "b"):
+            for tree in ("clean", "protected") if split == "clean" else ("test",):
+                (tmp_path / tree / cls).mkdir(parents=True, exist_ok=True)
+                pixels = _edgy() if tree != "protected" else (_edgy().astype(int) + noise).astype(np.uint8)
+                for i in range(count):
+                    Image.fromarray(pixels).save(tmp_path / tree / cls / f"{cls}{i}.png")
+    args = ["verify", "--protected", str(tmp_path / "protected"), "--clean", str(tmp_path / "clean"), "--test", str(tmp_path / "test"),
+            "--size", "48", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    report = json.loads((tmp_path / "verify-report.json").read_text())
+    assert len(report["warnings"]) == 2, report["warnings"]
+    assert "only 6 images" in report["warnings"][0] and "within 5 points of chance" in report["warnings"][1]
+    assert "warning: the test split has only 6 images" in first.stderr and "within 5 points of chance" in first.stderr
+    for row in report["rows"]:
+        for which in ("clean_trained", "protected_trained"):
+            lo, hi = row[f"{which}_ci95"]
+            assert 0 <= lo <= row[f"{which}_accuracy"] <= hi <= 1 and hi - lo > 0.3  # 6 test images: a wide interval
+    (method,) = report["methods"]
+    resized = measured_linf(load_labeled(str(tmp_path / "clean"), size=48, channels=3).pixels,
+                            load_labeled(str(tmp_path / "protected"), size=48, channels=3).pixels)
+    assert resized > EPSILON  # the loader's bicubic resize overshoots the budget...
+    assert method["linf_measured_at"] == "native size" and method["measured_linf"] == EPSILON  # ...the files hold exactly it
+    before = (tmp_path / "verify-report.json").read_bytes()
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert (tmp_path / "verify-report.json").read_bytes() == before
+    assert (tmp_path / "verify-2-report.json").is_file() and (tmp_path / "verify-2-curves.png").is_file()
