@@ -29,7 +29,7 @@ from cgan_cli.learning.config import (
     VerifyRequest,
     VictimConfig,
 )
-from cgan_cli.protect.config import ProtectConfig
+from cgan_cli.protect.config import PreviewConfig, ProtectConfig
 
 app = typer.Typer(
     name="cgan",
@@ -127,6 +127,43 @@ def protect_command(
         typer.echo(interrupted_line(0), err=True)
         raise typer.Exit(INTERRUPTED) from None
     raise typer.Exit(protect_cli(cfg, json_out=json_out))
+
+
+PREVIEW = PreviewConfig(inputs=())
+
+
+@app.command("preview")
+def preview_command(
+    src: list[str] = typer.Argument(..., metavar="SRC", help="Folders, image files, or - (paths on stdin); the first --count readable images are shown.", show_default=False),
+    out: Path = typer.Option(PREVIEW.out, "--out", "-o", metavar="FILE.png", help="The side-by-side PNG to write."),
+    weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors."),
+    epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights."),
+    full_res: bool = typer.Option(PREVIEW.full_res, "--full-res", help="As protect: the generator at native resolution."),
+    count: int = typer.Option(PREVIEW.count, "--count", min=1, max=32, help="How many images (rows)."),
+    amplify: float = typer.Option(PREVIEW.amplify, "--amplify", min=1.0, help="The noise column shows the change this many times larger, around mid-gray."),
+    height: int = typer.Option(PREVIEW.height, "--height", min=32, max=2048, help="Pixels per row."),
+    device: str = typer.Option(PREVIEW.device, "--device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """Look before publishing: one PNG with a row per image, original | protected | noise amplified.
+
+    [bold]Example[/bold]
+
+      cgan preview ./photos --out preview.png --count 3
+
+    The protected column is what `cgan protect` writes with the same settings. Nothing else is written.
+    """
+    from cgan_cli.core.errors import UsageError
+
+    cfg = PreviewConfig(tuple(src), out, weights, epsilon, device, full_res, count, amplify, height)
+    try:
+        cfg = cfg.checked()
+        from cgan_cli.protect.preview import preview  # lazy: torch
+
+        written = preview(cfg, emit=lambda line: typer.echo(line, err=True))
+    except UsageError as exc:
+        typer.echo(f"cgan preview: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"preview: {written}", err=True)
 
 
 _DATA, _OPT, _OBJ, _RUN = "Data / output", "Optimisation", "Objective", "Runtime"

@@ -408,3 +408,24 @@ def test_verify_warns_gives_intervals_measures_native_linf_and_keeps_earlier_rep
     assert second.exit_code == 0, second.output
     assert (tmp_path / "verify-report.json").read_bytes() == before
     assert (tmp_path / "verify-2-report.json").is_file() and (tmp_path / "verify-2-curves.png").is_file()
+
+
+# ---------------------------------------------------------------- cgan preview
+
+
+def test_preview_writes_original_protected_and_amplified_noise_side_by_side(tmp_path: Path, rgb_weights: Path) -> None:
+    photos = _photos(tmp_path / "photos", count=3, size=(40, 60))
+    out = tmp_path / "look.png"
+    res = CliRunner().invoke(app, ["preview", str(photos), "--out", str(out), "--weights", str(rgb_weights), "--count", "2",
+                                   "--height", "40", "--amplify", "10"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["look.png", "photos"]  # nothing else written
+    sheet = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert sheet.shape[1] == 3 * 60 and sheet.shape[0] == 16 + 2 * (40 + 16)
+    row = sheet[32:72]  # the first image's row, at its own size (height 40)
+    original, protected, noise = row[:, :60], row[:, 60:120], row[:, 120:180]
+    assert np.array_equal(original, np.asarray(Image.open(photos / "img0.png").convert("RGB")).astype(int))
+    assert 0 < np.abs(protected - original).max() <= EPSILON
+    assert np.array_equal(noise, np.clip(128 + 10 * (protected - original), 0, 255))
+    bad = CliRunner().invoke(app, ["preview", str(photos), "--out", str(tmp_path / "look.jpg"), "--weights", str(rgb_weights)])
+    assert bad.exit_code == 2 and ".png" in bad.stderr

@@ -71,3 +71,25 @@ class ProtectConfig:
 
     def encode_options(self) -> EncodeOptions:
         return EncodeOptions(self.format, self.quality, self.measure_written)
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """What `cgan preview` was asked to show; the CLI's defaults are these."""
+
+    inputs: tuple[str, ...]
+    out: Path = Path("preview.png")
+    weights: Path | None = None  # None = the shipped default
+    epsilon: float | None = None
+    device: str = "auto"
+    full_res: bool = False
+    count: int = 4  # inputs shown (rows)
+    amplify: float = 10.0  # the noise column: the change times this, around mid-gray
+    height: int = 256  # pixels per row
+
+    def checked(self) -> "PreviewConfig":
+        """The same option checks and default weights as protect."""
+        protect = ProtectConfig(self.inputs, self.out, self.weights, epsilon=self.epsilon, device=self.device, workers=0).checked()
+        if not is_image_name(str(self.out)) or Path(self.out).suffix.lower() != ".png":
+            raise UsageError(f"--out {self.out}: the preview is a PNG file; give a name ending in .png")
+        return replace(self, weights=protect.weights)
