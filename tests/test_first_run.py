@@ -216,6 +216,7 @@ def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_run_records_what_finished_and_the_rerun_resumes(tmp_path: Path) -> None:
     photos = _photos(tmp_path / "photos", count=24, size=(384, 512))
     out = tmp_path / "out"
@@ -429,3 +430,38 @@ def test_preview_writes_original_protected_and_amplified_noise_side_by_side(tmp_
     assert np.array_equal(noise, np.clip(128 + 10 * (protected - original), 0, 255))
     bad = CliRunner().invoke(app, ["preview", str(photos), "--out", str(tmp_path / "look.jpg"), "--weights", str(rgb_weights)])
     assert bad.exit_code == 2 and ".png" in bad.stderr
+
+
+# ---------------------------------------------------------------- the README's examples, exactly as written
+
+
+def _readme_protect_examples() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## cgan protect"):]
+    block = section[section.index("```bash") + len("```bash"): section.index("```", section.index("```bash") + 7)]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_protect_examples_run_as_written_twice(tmp_path: Path, rgb_weights: Path) -> None:
+    """Every line of the README's `cgan protect` block, in a folder holding the files it names; then
+    all of them again (a rerun resumes, and `find` lists the first run's outputs)."""
+    lines = _readme_protect_examples()
+    assert any(line.startswith("cgan protect ./photos") for line in lines) and any(line.startswith("find ") for line in lines)
+    _photos(tmp_path / "photos", count=2, size=(48, 64))
+    Image.fromarray(smooth_rgb(48, 64, 5)).save(tmp_path / "photo.jpg", "JPEG", quality=90)
+    Image.fromarray(smooth_rgb(48, 64, 6)).save(tmp_path / "img.png")
+    shutil.copy2(rgb_weights, tmp_path / "my-gen.safetensors")
+    env = _env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for attempt in (1, 2):
+        for line in lines:
+            run = subprocess.run(["bash", "-c", f"set -o pipefail; {line}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            if attempt == 2 and "photo-protected.jpg" in line:  # a named output file is never overwritten
+                assert run.returncode == 2 and "exists" in run.stderr, (line, run.stderr)
+                continue
+            assert run.returncode == 0, (attempt, line, run.stderr)
+            assert "Traceback" not in run.stderr, (line, run.stderr)
+    assert sorted(p.name for p in (tmp_path / "photos-protected").glob("*.png")) == ["img0.png", "img1.png"]
+    assert (tmp_path / "photo-protected.jpg").is_file() and (tmp_path / "out" / "img.png").is_file()
+    statuses = {r["status"] for r in read_records(tmp_path / "protected" / "manifest.jsonl")}
+    assert statuses == {"protected", "skipped", "ignored"}
