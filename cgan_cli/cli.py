@@ -196,7 +196,14 @@ def train_cmd(
     sample_every: int = typer.Option(TRAIN.sample_every, help="Write a PNG grid (clean | noise | protected) every N steps.", rich_help_panel=_RUN),
     threads: int = typer.Option(0, help="CPU threads for torch (0 = torch default).", rich_help_panel=_RUN),
 ) -> None:
-    """Train a confounder generator on labeled images; writes weights + NAME.metrics.json."""
+    """Train a confounder generator on labeled images; writes weights + NAME.metrics.json.
+
+    [bold]Examples[/bold]
+
+      cgan train fashion-mnist --out weights/my-fmnist.safetensors --epsilon 8
+
+      cgan train ./data/train --size 64 --out weights/mine.safetensors
+    """
     from cgan_cli.learning.train import train_cli
 
     cfg = TrainConfig(
@@ -221,7 +228,7 @@ def verify_command(
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the weights' own, or what --protected measurably spent.", rich_help_panel=_VPROT),
     baseline: list[Baseline] = typer.Option([], "--baseline", help="Comparison noise on the same data and epsilon (repeatable).", rich_help_panel=_VPROT),
     arch: list[VictimArch] = typer.Option([VictimArch(VICTIM.arch)], "--arch", help="Victim (repeatable).", rich_help_panel=_VICTIM),
-    countermeasure: list[str] = typer.Option(["none"], "--countermeasure", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
+    countermeasure: list[str] = typer.Option(["none"], "--countermeasure", metavar="SPEC", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
     epochs: int = typer.Option(VICTIM.epochs, "--epochs", min=1, rich_help_panel=_VICTIM),
     batch_size: int = typer.Option(VICTIM.batch_size, "--batch-size", min=1, rich_help_panel=_VICTIM),
     lr: float = typer.Option(VICTIM.lr, "--lr", help="Peak learning rate (one-cycle, SGD nesterov).", rich_help_panel=_VICTIM),
@@ -237,7 +244,16 @@ def verify_command(
     em_max_rounds: int = typer.Option(EMConfig.max_rounds, "--em-max-rounds", min=1, help="Cap on EM rounds (10 surrogate steps + 20 PGD steps each).", rich_help_panel=_VPROT),
     report: Path | None = typer.Option(None, "--report", help="JSON report path (the PNG plot goes beside it). Default: next to --protected, else runs/verify/.", rich_help_panel=_VRUN),
 ) -> None:
-    """Train fresh victims on clean and on protected data, test both on clean data: did protection work?"""
+    """Train fresh victims on clean and on protected data, test both on clean data: did protection work?
+
+    [bold]Examples[/bold]
+
+      cgan verify --protected ./out/train --clean ./data/train --test ./data/test --size 32
+
+      cgan verify fashion-mnist --weights weights/cgan-fashion-mnist.safetensors --baseline random
+
+    Warns when the test split is small or the clean-trained victim is near chance; accuracies carry 95% intervals.
+    """
     from cgan_cli.learning.verify import verify_cli
 
     victim = VictimConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
