@@ -117,6 +117,8 @@ def protect_command(
         typer.echo(checked.nothing_to_do, err=True)
         raise typer.Exit(0)
     cfg = checked.cfg
+    if sys.stderr.isatty() and not dry_run:  # something within a second; torch and the workers take a few
+        typer.echo(f"cgan protect -> {cfg.out}: starting (loading torch and the generator)...", err=True)
     try:
         if cfg.workers > 0 and not dry_run:
             from cgan_cli.protect.workers import start_fork_server
