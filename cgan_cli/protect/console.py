@@ -141,4 +141,3 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
         err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
                   + ", ".join(sorted(summary.stale_removed)), markup=False)
     return summary.exit_code
-
