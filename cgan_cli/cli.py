@@ -29,15 +29,16 @@ from cgan_cli.learning.config import (
     VerifyRequest,
     VictimConfig,
 )
-from cgan_cli.protect.config import ProtectConfig
+from cgan_cli.protect.config import PreviewConfig, ProtectConfig
 
 app = typer.Typer(
     name="cgan",
     help="Make image data unlearnable: add bounded, imperceptible ConfounderGAN noise to every image.",
     rich_markup_mode="rich",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 PROTECT = ProtectConfig(inputs=(), out=Path())  # the defaults, read by the options below
@@ -64,42 +65,109 @@ _IO, _PROT, _PERF, _SHARDS = "Input/Output", "Protection", "Performance", "WebDa
 
 @app.command("protect")
 def protect_command(
-    src: list[str] = typer.Argument(..., help="Folders (recursive), image files, or - to read newline-separated paths from stdin.", show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: mirrors the input tree; holds manifest.jsonl and summary.json. Must not be inside an input.", rich_help_panel=_IO),
-    fmt: OutputFormat | None = typer.Option(None, "--format", help="Force the output format (changes the file suffix). Default: keep each file's format.", rich_help_panel=_IO),
+    src: list[str] = typer.Argument(..., metavar="SRC", help="Folders (recursive), image files, or - to read newline-separated paths from stdin.", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", metavar="DIR|FILE", help="Output folder: mirrors the input tree; holds manifest.jsonl and summary.json. Must not be inside an input. Default for one folder or file SRC: SRC-protected next to it. One image SRC and an image file name here: writes just that file.", show_default=False, rich_help_panel=_IO),
+    fmt: OutputFormat | None = typer.Option(None, "--format", case_sensitive=False, help="Force the output format (changes the file suffix; jpg = jpeg). Default: keep each file's format.", rich_help_panel=_IO),
     quality: int | None = typer.Option(None, "--quality", min=1, max=100, help="JPEG / lossy-WebP quality. Default: reuse the source JPEG's quantisation tables; 95 otherwise.", rich_help_panel=_IO),
     dry_run: bool = typer.Option(PROTECT.dry_run, "--dry-run", help="List what would be protected or skipped; decode and write nothing.", rich_help_panel=_IO),
     measure_written: bool = typer.Option(PROTECT.measure_written, "--measure-written", help="Re-decode every output and record its written_linf / written_psnr (what a lossy re-encode really delivered); costs one more decode per image.", rich_help_panel=_IO),
     json_out: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout.", rich_help_panel=_IO),
-    weights: Path | None = typer.Option(None, "--weights", "-w", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
-    epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the epsilon stored with the weights.", rich_help_panel=_PROT),
+    weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
+    epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights (a larger one warns).", rich_help_panel=_PROT),
     full_res: bool = typer.Option(PROTECT.full_res, "--full-res", help="Run the generator at native resolution (tiled) instead of the weights' working resolution.", rich_help_panel=_PROT),
     seed: int = typer.Option(PROTECT.seed, "--seed", help="Seeds torch before protecting (reproducibility for stochastic generators; recorded).", rich_help_panel=_PROT),
-    device: str = typer.Option(PROTECT.device, "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
+    device: str = typer.Option(PROTECT.device, "--device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
     precision: Precision = typer.Option(PROTECT.precision, "--precision", help="Reduced precision uses autocast on CUDA; CPU runs fp32.", rich_help_panel=_PERF),
     batch_size: int = typer.Option(PROTECT.batch_size, "--batch-size", min=1, help="Images per generator call (images of one working shape share a batch).", rich_help_panel=_PERF),
     workers: int | None = typer.Option(None, "--workers", min=0, help="Worker processes: each decodes, protects (on the CPU) and encodes its share; on a GPU they decode and the main process runs the generator (0 = all in the main process). Default: min(4, CPUs).", rich_help_panel=_PERF),
-    shards: bool = typer.Option(PROTECT.stdin_tar, "--shards", help="SRC - is a tar stream on stdin. Shard paths, brace patterns ('a-{000..127}.tar') and pipe:CMD are detected without it; --out - writes one tar stream to stdout.", rich_help_panel=_SHARDS),
+    shards: bool = typer.Option(PROTECT.stdin_tar, "--shards", help="SRC - is a tar stream on stdin (detected without it too). Shard paths, brace patterns ('a-{000..127}.tar') and pipe:CMD are detected without it; --out - writes one tar stream to stdout.", rich_help_panel=_SHARDS),
     shard_size: int | None = typer.Option(None, "--shard-size", min=1, help="Re-shard: at most this many samples (keys) per output shard, named by --shard-pattern.", rich_help_panel=_SHARDS),
-    shard_pattern: str = typer.Option(PROTECT.shard_pattern, "--shard-pattern", help="Output shard names when re-sharding (ShardWriter style).", rich_help_panel=_SHARDS),
+    shard_pattern: str = typer.Option(PROTECT.shard_pattern, "--shard-pattern", metavar="PATTERN", help="Output shard names when re-sharding (ShardWriter style).", rich_help_panel=_SHARDS),
 ) -> None:
     """Protect images: write a protected copy of every input under --out, with a manifest.
 
-    Exit code 0 when every input was protected or skipped (resume), 1 when any failed, 2 for usage errors.
+    [bold]Examples[/bold]
+
+      cgan protect ./photos                      [dim]# -> ./photos-protected[/dim]
+
+      cgan protect photo.jpg --out photo-protected.jpg
+
+      find . -name '*.jpg' | cgan protect - --out ./protected --json
+
+    Exit code 0 when every input was protected, skipped (resume) or ignored, 1 when any failed, 2 for usage
+    errors, 130 when interrupted (rerun the same command to resume).
     """
-    from cgan_cli.protect.workers import start_fork_server
+    from cgan_cli.core.errors import UsageError
+    from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line, preflight
 
     cfg = ProtectConfig(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=Precision(precision).value, batch_size=batch_size,
-        workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.value if fmt else None, quality=quality,
+        workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.canonical if fmt else None, quality=quality,
         full_res=full_res, dry_run=dry_run, measure_written=measure_written, stdin_tar=shards, shard_size=shard_size,
         shard_pattern=shard_pattern,
     )
-    if cfg.workers > 0 and not dry_run:
-        start_fork_server()  # the workers' torch import runs beside this process's own, just below
-    from cgan_cli.protect.console import protect_cli  # lazy: keeps `cgan --help` fast
+    try:
+        checked = preflight(cfg)  # every usage error before torch or any worker starts
+    except UsageError as exc:
+        typer.echo(f"cgan protect: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for note in checked.notes:
+        typer.echo(note, err=True)
+    if checked.nothing_to_do:
+        typer.echo(checked.nothing_to_do, err=True)
+        raise typer.Exit(0)
+    cfg = checked.cfg
+    if sys.stderr.isatty() and not dry_run:  # something within a second; torch and the workers take a few
+        typer.echo(f"cgan protect -> {cfg.out}: starting (loading torch and the generator)...", err=True)
+    try:
+        if cfg.workers > 0 and not dry_run:
+            from cgan_cli.protect.workers import start_fork_server
 
+            start_fork_server()  # the workers' torch import runs beside this process's own, just below
+        from cgan_cli.protect.console import (
+            protect_cli,  # lazy: keeps `cgan --help` fast
+        )
+    except KeyboardInterrupt:
+        typer.echo(interrupted_line(0), err=True)
+        raise typer.Exit(INTERRUPTED) from None
     raise typer.Exit(protect_cli(cfg, json_out=json_out))
+
+
+PREVIEW = PreviewConfig(inputs=())
+
+
+@app.command("preview")
+def preview_command(
+    src: list[str] = typer.Argument(..., metavar="SRC", help="Folders, image files, or - (paths on stdin); the first --count readable images are shown.", show_default=False),
+    out: Path = typer.Option(PREVIEW.out, "--out", "-o", metavar="FILE.png", help="The side-by-side PNG to write."),
+    weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors."),
+    epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights."),
+    full_res: bool = typer.Option(PREVIEW.full_res, "--full-res", help="As protect: the generator at native resolution."),
+    count: int = typer.Option(PREVIEW.count, "--count", min=1, max=32, help="How many images (rows)."),
+    amplify: float = typer.Option(PREVIEW.amplify, "--amplify", min=1.0, help="The noise column shows the change this many times larger, around mid-gray."),
+    height: int = typer.Option(PREVIEW.height, "--height", min=32, max=2048, help="Pixels per row."),
+    device: str = typer.Option(PREVIEW.device, "--device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """Look before publishing: one PNG with a row per image, original | protected | noise amplified.
+
+    [bold]Example[/bold]
+
+      cgan preview ./photos --out preview.png --count 3
+
+    The protected column is what `cgan protect` writes with the same settings. Nothing else is written.
+    """
+    from cgan_cli.core.errors import UsageError
+
+    cfg = PreviewConfig(tuple(src), out, weights, epsilon, device, full_res, count, amplify, height)
+    try:
+        cfg = cfg.checked()
+        from cgan_cli.protect.preview import preview  # lazy: torch
+
+        written = preview(cfg, emit=lambda line: typer.echo(line, err=True))
+    except UsageError as exc:
+        typer.echo(f"cgan preview: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"preview: {written}", err=True)
 
 
 _DATA, _OPT, _OBJ, _RUN = "Data / output", "Optimisation", "Objective", "Runtime"
@@ -132,7 +200,14 @@ def train_cmd(
     sample_every: int = typer.Option(TRAIN.sample_every, help="Write a PNG grid (clean | noise | protected) every N steps.", rich_help_panel=_RUN),
     threads: int = typer.Option(0, help="CPU threads for torch (0 = torch default).", rich_help_panel=_RUN),
 ) -> None:
-    """Train a confounder generator on labeled images; writes weights + NAME.metrics.json."""
+    """Train a confounder generator on labeled images; writes weights + NAME.metrics.json.
+
+    [bold]Examples[/bold]
+
+      cgan train fashion-mnist --out weights/my-fmnist.safetensors --epsilon 8
+
+      cgan train ./data/train --size 64 --out weights/mine.safetensors
+    """
     from cgan_cli.learning.train import train_cli
 
     cfg = TrainConfig(
@@ -157,7 +232,7 @@ def verify_command(
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the weights' own, or what --protected measurably spent.", rich_help_panel=_VPROT),
     baseline: list[Baseline] = typer.Option([], "--baseline", help="Comparison noise on the same data and epsilon (repeatable).", rich_help_panel=_VPROT),
     arch: list[VictimArch] = typer.Option([VictimArch(VICTIM.arch)], "--arch", help="Victim (repeatable).", rich_help_panel=_VICTIM),
-    countermeasure: list[str] = typer.Option(["none"], "--countermeasure", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
+    countermeasure: list[str] = typer.Option(["none"], "--countermeasure", metavar="SPEC", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
     epochs: int = typer.Option(VICTIM.epochs, "--epochs", min=1, rich_help_panel=_VICTIM),
     batch_size: int = typer.Option(VICTIM.batch_size, "--batch-size", min=1, rich_help_panel=_VICTIM),
     lr: float = typer.Option(VICTIM.lr, "--lr", help="Peak learning rate (one-cycle, SGD nesterov).", rich_help_panel=_VICTIM),
@@ -173,7 +248,16 @@ def verify_command(
     em_max_rounds: int = typer.Option(EMConfig.max_rounds, "--em-max-rounds", min=1, help="Cap on EM rounds (10 surrogate steps + 20 PGD steps each).", rich_help_panel=_VPROT),
     report: Path | None = typer.Option(None, "--report", help="JSON report path (the PNG plot goes beside it). Default: next to --protected, else runs/verify/.", rich_help_panel=_VRUN),
 ) -> None:
-    """Train fresh victims on clean and on protected data, test both on clean data: did protection work?"""
+    """Train fresh victims on clean and on protected data, test both on clean data: did protection work?
+
+    [bold]Examples[/bold]
+
+      cgan verify --protected ./out/train --clean ./data/train --test ./data/test --size 32
+
+      cgan verify fashion-mnist --weights weights/cgan-fashion-mnist.safetensors --baseline random
+
+    Warns when the test split is small or the clean-trained victim is near chance; accuracies carry 95% intervals.
+    """
     from cgan_cli.learning.verify import verify_cli
 
     victim = VictimConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)

@@ -67,7 +67,7 @@ def test_zoo_protects_good_fails_bad_and_never_touches_inputs(tmp_path: Path, zo
     assert res.exit_code == 1, res.output
     assert _tree_hashes(root) == before
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["counts"] == {"protected": len(GOOD), "skipped": 0, "failed": len(BAD)}
+    assert summary["counts"] == {"protected": len(GOOD), "skipped": 0, "failed": len(BAD), "ignored": 0}
     recs = _records(out)
     assert set(recs) == {str(p) for p in zoo.values()}
     for key in GOOD:
@@ -217,7 +217,8 @@ def test_stdin_paths_dry_run_and_format(tmp_path: Path, rgb_weights: Path, monke
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.webp")) == ["a/b/x.webp", "a/y.webp"]
     assert decode_image((tmp_path / "out" / "a" / "y.webp").read_bytes()).webp_lossless
     inside = _run("-", "--out", "out", "--weights", str(rgb_weights), "--workers", "0", stdin="out/a/y.webp\n")
-    assert inside.exit_code == 1 and "inside --out" in _records(tmp_path / "out")["out/a/y.webp"]["error"]
+    ignored = _records(tmp_path / "out")["out/a/y.webp"]
+    assert inside.exit_code == 0 and ignored["status"] == "ignored" and "inside --out" in ignored["error"]
 
 
 def test_resume_skips_done_and_redoes_changed(tmp_path: Path, rgb_weights: Path) -> None:
@@ -231,7 +232,7 @@ def test_resume_skips_done_and_redoes_changed(tmp_path: Path, rgb_weights: Path)
     Image.fromarray(smooth_rgb(16, 16, 9)).save(src / "1.png")
     res = _run(*args)
     assert res.exit_code == 0
-    assert json.loads(res.stdout)["counts"] == {"protected": 1, "skipped": 2, "failed": 0}
+    assert json.loads(res.stdout)["counts"] == {"protected": 1, "skipped": 2, "failed": 0, "ignored": 0}
     last = _records(out)
     assert last[str(src / "0.png")]["status"] == "skipped" and last[str(src / "1.png")]["status"] == "protected"
     assert _tree_hashes(out)["0.png"] == first["0.png"] and _tree_hashes(out)["1.png"] != first["1.png"]
@@ -240,7 +241,7 @@ def test_resume_skips_done_and_redoes_changed(tmp_path: Path, rgb_weights: Path)
     assert summary["epsilon"] == EPSILON and summary["device"] == "cpu" and summary["precision"] == "fp32"
     assert summary["total"] == 3 and summary["wall_seconds"] > 0 and summary["cgan_version"]
     other = _run(*args, "--epsilon", "4")  # other settings: nothing may be reused
-    assert json.loads(other.stdout)["counts"] == {"protected": 3, "skipped": 0, "failed": 0}
+    assert json.loads(other.stdout)["counts"] == {"protected": 3, "skipped": 0, "failed": 0, "ignored": 0}
 
 
 class ListSink:

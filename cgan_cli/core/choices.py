@@ -18,6 +18,11 @@ class OutputFormat(str, Enum):
     png = "png"
     jpeg = "jpeg"
     webp = "webp"
+    jpg = "jpg"  # alias of jpeg (typer matches case-insensitively: JPG works too)
+
+    @property
+    def canonical(self) -> str:
+        return "jpeg" if self is OutputFormat.jpg else self.value
 
 
 class Precision(str, Enum):

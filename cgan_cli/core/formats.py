@@ -93,6 +93,22 @@ def is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                  ".tiff": "TIFF", ".gif": "GIF"}  # what a file name's suffix promises
+
+
+def format_for_output_name(out_name: str, src_name: str) -> str | None:
+    """The --format that makes a named output file hold what its suffix promises: None when the
+    suffix means the source's own format; ValueError when cgan cannot convert to it."""
+    want = SUFFIX_FORMATS.get(PurePosixPath(out_name).suffix.lower())
+    if want is None or want == SUFFIX_FORMATS.get(PurePosixPath(src_name).suffix.lower()):
+        return None
+    for key, (fmt, _suffix) in FORCED_FORMATS.items():
+        if fmt == want:
+            return key
+    raise ValueError(f"cgan converts to {', '.join(FORCED_FORMATS)} only, not {want}")
+
+
 def output_name(rel_out: str, options: EncodeOptions) -> str:
     """The output path: same name, or the forced format's suffix."""
     if options.format is None:

@@ -12,9 +12,14 @@ SHIPPED_PACKAGE = "cgan_cli.weights"  # the repo's weights/ folder, installed as
 def shipped_weights_dir() -> Path:
     """The installed package data, or weights/ of a source checkout run without installing."""
     try:
-        return Path(str(resources.files(SHIPPED_PACKAGE)))
+        root = resources.files(SHIPPED_PACKAGE)
     except ModuleNotFoundError:
         return Path(__file__).resolve().parents[2] / "weights"
+    if isinstance(root, Path):
+        return root
+    # weights/ has no __init__.py, so an installed wheel makes it a namespace package, whose
+    # files() is a MultiplexedPath (str() of it is its repr, not a path): take its one folder.
+    return Path(root.joinpath(DEFAULT_WEIGHTS_NAME)).parent
 
 
 def default_weights() -> Path | None:

@@ -2,6 +2,8 @@
 
 `torch.load` on a file someone downloaded can execute code; safetensors cannot. Loading checks
 the format version, the architecture, every key and every shape, and says which one is wrong.
+Reading the metadata (`read_meta`) is torch-free, so the CLI can check a weights file within
+milliseconds, before torch or any worker starts; torch is imported by the functions that need it.
 """
 
 from __future__ import annotations
@@ -10,16 +12,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
-from torch import nn
 
 from cgan_cli.core.atomic import write_atomic
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.generators import GENERATORS, build_generator
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT_VERSION = 1
 META_KEY = "cgan"
@@ -74,6 +76,8 @@ def file_sha256(path: Path) -> str:
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically, so a crash never leaves half a file."""
+    from safetensors.torch import save
+
     write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
@@ -86,7 +90,7 @@ def read_meta(path: Path) -> WeightsMeta:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:
             raw = (fh.metadata() or {}).get(META_KEY)
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
@@ -100,6 +104,11 @@ def read_meta(path: Path) -> WeightsMeta:
 
 def load_generator(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, WeightsMeta]:
     """Build the generator that `path` describes and load its weights, validating everything."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cgan_cli.core.generators import GENERATORS, build_generator
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")

@@ -13,6 +13,7 @@ source -> engine -> sink:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -33,6 +34,7 @@ from cgan_cli.core.atomic import atomic_open, write_atomic
 from cgan_cli.core.device import resolve_device, resolve_precision
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
+from cgan_cli.core.formats import ImageError, decode_image, written_fidelity
 from cgan_cli.core.weights import file_sha256, read_meta
 from cgan_cli.learning.baselines import BASELINES, build_baseline
 from cgan_cli.learning.config import EMConfig, VerifyConfig, VerifyRequest, VictimConfig
@@ -62,6 +64,7 @@ class Method:
     pixels: torch.Tensor  # uint8 (N, C, H, W)
     seconds: float | None = None  # to protect the whole training set; None when it was given on disk
     details: dict[str, Any] = field(default_factory=dict)
+    linf: float | None = None  # measured on the files at their own size (a given tree); None: on `pixels`
 
 
 @dataclass
@@ -105,6 +108,11 @@ def _keys(data: LabeledImages, root: Path) -> list[str]:
 
 def match_protected(clean: LabeledImages, protected: LabeledImages, clean_root: Path, protected_root: Path) -> torch.Tensor:
     """Protected pixels reordered to the clean set's order; fails on any missing, extra or relabeled image."""
+    return protected.pixels[match_order(clean, protected, clean_root, protected_root)]
+
+
+def match_order(clean: LabeledImages, protected: LabeledImages, clean_root: Path, protected_root: Path) -> torch.Tensor:
+    """The index that puts the protected set into the clean set's order (see match_protected)."""
     if clean.class_names != protected.class_names:
         raise VerifyError(f"class folders differ: clean {clean.class_names} vs protected {protected.class_names}")
     if clean.pixels.shape[1:] != protected.pixels.shape[1:]:
@@ -123,7 +131,7 @@ def match_protected(clean: LabeledImages, protected: LabeledImages, clean_root: 
     order = torch.tensor([index[k] for k in clean_keys])
     if not torch.equal(protected.labels[order], clean.labels):
         raise VerifyError("matched images carry different labels")
-    return protected.pixels[order]
+    return order
 
 
 def check_test_set(train: LabeledImages, test: LabeledImages) -> None:
@@ -148,6 +156,30 @@ def load_train_test(data: str, test: str | None, size: int, channels: int, holdo
 def measured_linf(clean: torch.Tensor, protected: torch.Tensor) -> int:
     """Largest per-pixel change in /255 units: what the protection actually spent."""
     return int((clean.int() - protected.int()).abs().max().item()) if len(clean) else 0
+
+
+def native_linf(clean_paths: list[str], protected_paths: list[str]) -> float | None:
+    """L-inf in /255 units between matched files decoded at their own size, as protect measures it.
+
+    Why: the loaders resize (bicubic) to the victim's size, and bicubic overshoots at edges, so a
+    tree written at 8/255 reads as 10/255 after resizing. None when a pair cannot be compared
+    (different sizes, undecodable): the caller falls back to the resized pixels.
+    """
+    worst = 0.0
+    for a, b in zip(clean_paths, protected_paths):
+        try:
+            clean, protected = decode_image(Path(a).read_bytes(), a), decode_image(Path(b).read_bytes(), b)
+        except (ImageError, OSError):
+            return None
+        if clean.pixels.shape[:2] != protected.pixels.shape[:2]:
+            return None
+        worst = max(worst, written_fidelity(clean, protected)[0])
+    return round(worst, 4)
+
+
+def method_linf(method: Method, clean: LabeledImages) -> float:
+    """What the method spent: on the files' own size for a given tree, else on the compared pixels."""
+    return method.linf if method.linf is not None else measured_linf(clean.pixels, method.pixels)
 
 
 # ----------------------------------------------------------------------------- methods (engine, part 1)
@@ -232,24 +264,110 @@ def run_victims(
     return rows
 
 
+# ----------------------------------------------------------------------------- trust
+
+
+MIN_TEST_IMAGES = 200  # below this a 95% interval is wider than about +-7 points at 50%
+NEAR_CHANCE_POINTS = 5.0  # a clean-trained victim within this of chance learned nothing to take away
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on n test images (sound near 0 and 1 too)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def trust_warnings(rows: list[Row], test_images: int) -> list[str]:
+    """Why the table may not mean what it seems to: a tiny test split, a clean victim at chance."""
+    warnings = []
+    if test_images < MIN_TEST_IMAGES:
+        lo, hi = wilson_interval(0.5, test_images)
+        warnings.append(f"the test split has only {test_images} images (< {MIN_TEST_IMAGES}): an accuracy of 50% could be "
+                        f"anywhere in {lo:.0%}-{hi:.0%} (95% CI); use more test images")
+    seen = set()
+    for r in rows:
+        key = (r.arch, r.countermeasure)
+        if key in seen:
+            continue
+        seen.add(key)
+        if 100 * (r.clean.test_accuracy - r.chance) < NEAR_CHANCE_POINTS:
+            warnings.append(f"the clean-trained {r.arch} ({r.countermeasure}) scores {r.clean.test_accuracy:.1%}, within "
+                            f"{NEAR_CHANCE_POINTS:g} points of chance ({r.chance:.1%}): it learned nothing from clean data, so "
+                            "no drop can show; use more data or epochs before reading this row")
+    return warnings
+
+
+def _with_ci(accuracy: float, n: int) -> str:
+    lo, hi = wilson_interval(accuracy, n)
+    return f"{accuracy:.1%}\n[{100 * lo:.1f}-{100 * hi:.1f}]"
+
+
 # ----------------------------------------------------------------------------- sinks
 
 
-def results_table(rows: list[Row]) -> Table:
-    table = Table(title="cgan verify", caption="accuracy of each victim on the clean test set; drop = clean-trained - protected-trained")
+def results_table(rows: list[Row], test_images: int) -> Table:
+    table = Table(title="cgan verify", caption=f"accuracy of each victim on the clean test set ({test_images} images), "
+                  "[95% Wilson interval]; drop = clean-trained - protected-trained")
     for col in ("method", "victim", "counter-\nmeasure", "clean-\ntrained", "protected-\ntrained", "drop", "chance"):
         table.add_column(col, justify="left" if col in ("method", "victim", "counter-\nmeasure") else "right", overflow="fold")
     for r in rows:
-        table.add_row(r.method, r.arch, r.countermeasure, f"{r.clean.test_accuracy:.1%}", f"{r.protected.test_accuracy:.1%}",
-                      f"{100 * r.drop:+.1f} pt", f"{r.chance:.1%}")
+        table.add_row(r.method, r.arch, r.countermeasure, _with_ci(r.clean.test_accuracy, test_images),
+                      _with_ci(r.protected.test_accuracy, test_images), f"{100 * r.drop:+.1f} pt", f"{r.chance:.1%}")
     return table
 
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75), (227, 119, 194)]
+DASHES = [None, (10, 4), (4, 4), (12, 4, 2, 4), (2, 3)]  # on/off pixel runs per method; None = solid
+MARKERS = ["square", "triangle", "diamond", "cross", "circle"]
 
 
-def plot_curves(rows: list[Row], path: Path, panel: tuple[int, int] = (360, 260)) -> None:
-    """Per-epoch clean-test accuracy: one panel per (victim, countermeasure), clean-trained in black."""
+def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], color, pattern: tuple[int, ...] | None, width: int = 2) -> None:
+    """A polyline with a dash pattern that runs on across segments (PIL draws only solid lines)."""
+    if pattern is None:
+        draw.line(points, fill=color, width=width)
+        return
+    phase, on = 0.0, True
+    runs = list(pattern)
+    k = 0
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        pos = 0.0
+        while pos < length:
+            step = min(runs[k] - phase, length - pos)
+            if on:
+                a, b = pos / length, (pos + step) / length
+                draw.line((x0 + a * (x1 - x0), y0 + a * (y1 - y0), x0 + b * (x1 - x0), y0 + b * (y1 - y0)), fill=color, width=width)
+            pos += step
+            phase += step
+            if phase >= runs[k]:
+                phase, k, on = 0.0, (k + 1) % len(runs), not on
+
+
+def _marker(draw: ImageDraw.ImageDraw, x: float, y: float, shape: str, color, r: int = 4) -> None:
+    if shape == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=color)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r - 1), (x - r, y + r), (x + r, y + r)], fill=color)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=color)
+    elif shape == "cross":
+        draw.line((x - r, y - r, x + r, y + r), fill=color, width=2)
+        draw.line((x - r, y + r, x + r, y - r), fill=color, width=2)
+    else:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+
+
+def _series_style(index: int) -> tuple[tuple[int, int, int], tuple[int, ...] | None, str]:
+    """Colour, dash pattern and marker of method `index`: overlapping curves stay distinguishable."""
+    return PALETTE[index % len(PALETTE)], DASHES[(index + 1) % len(DASHES)], MARKERS[index % len(MARKERS)]
+
+
+def plot_curves(rows: list[Row], path: Path, panel: tuple[int, int] = (380, 280)) -> None:
+    """Per-epoch clean-test accuracy: one panel per (victim, countermeasure), clean-trained solid black
+    with round markers; each method its own colour, dash pattern and marker; axes labelled."""
     groups: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.arch, r.countermeasure), []).append(r)
@@ -260,38 +378,50 @@ def plot_curves(rows: list[Row], path: Path, panel: tuple[int, int] = (360, 260)
     legend_h = 18 * (len(methods) + 1) + 10
     img = Image.new("RGB", (cols * pw, nrows * ph + legend_h), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    ylabel = Image.new("L", (140, 12), 255)
+    ImageDraw.Draw(ylabel).text((0, 0), "clean test accuracy", fill=0, font=font)
+    ylabel = ylabel.rotate(90, expand=True)
     for g, ((arch, cm), group) in enumerate(groups.items()):
         ox, oy = (g % cols) * pw, (g // cols) * ph
-        left, top, right, bottom = ox + 40, oy + 22, ox + pw - 12, oy + ph - 28
-        draw.text((ox + 40, oy + 5), f"{arch} / {cm}", fill="black", font=font)
+        left, top, right, bottom = ox + 56, oy + 22, ox + pw - 12, oy + ph - 40
+        draw.text((left, oy + 5), f"{arch} / {cm}", fill="black", font=font)
         draw.rectangle((left, top, right, bottom), outline="black")
+        img.paste((0, 0, 0), (ox + 4, top + (bottom - top - ylabel.height) // 2), Image.eval(ylabel, lambda v: 255 - v))
         for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
             y = bottom - tick * (bottom - top)
             draw.line((left - 4, y, left, y), fill="black")
-            draw.text((ox + 6, y - 6), f"{tick:.2f}", fill="black", font=font)
+            draw.text((left - 34, y - 6), f"{tick:.2f}", fill="black", font=font)
         epochs = max(len(group[0].clean.epoch_accuracy), 1)
-        draw.text((left, bottom + 8), f"epoch 1..{epochs}", fill="black", font=font)
+        step = (right - left) / max(1, epochs - 1)
+        every = max(1, -(-epochs // 10))
+        for e in range(0, epochs, every):
+            x = left + e * step
+            draw.line((x, bottom, x, bottom + 4), fill="black")
+            draw.text((x - 3, bottom + 6), str(e + 1), fill="black", font=font)
+        draw.text(((left + right) // 2 - 12, bottom + 22), "epoch", fill="black", font=font)
 
         def xy(curve: list[float]) -> list[tuple[float, float]]:
-            step = (right - left) / max(1, epochs - 1)
             return [(left + i * step, bottom - a * (bottom - top)) for i, a in enumerate(curve)]
 
         chance_y = bottom - group[0].chance * (bottom - top)
         for x0 in range(left, right, 8):  # dashed chance line
             draw.line((x0, chance_y, min(x0 + 4, right), chance_y), fill=(150, 150, 150))
-        series = [((0, 0, 0), group[0].clean.epoch_accuracy)]
-        series += [(PALETTE[methods.index(r.method) % len(PALETTE)], r.protected.epoch_accuracy) for r in group]
-        for color, curve in series:
+        series = [((0, 0, 0), None, "circle", group[0].clean.epoch_accuracy)]
+        series += [(*_series_style(methods.index(r.method)), r.protected.epoch_accuracy) for r in group]
+        for color, dashes, marker, curve in series:
             points = xy(curve)
             if len(points) > 1:
-                draw.line(points, fill=color, width=2)
+                _dashed(draw, points, color, dashes)
             for px, py in points:
-                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+                _marker(draw, px, py, marker, color)
     ly = nrows * ph + 6
-    entries = [((0, 0, 0), "clean-trained"), *[(PALETTE[i % len(PALETTE)], f"trained on {m}") for i, m in enumerate(methods)]]
-    for i, (color, label) in enumerate(entries):
-        draw.line((12, ly + 18 * i + 6, 40, ly + 18 * i + 6), fill=color, width=3)
-        draw.text((48, ly + 18 * i), label, fill="black", font=font)
+    entries = [((0, 0, 0), None, "circle", "clean-trained"),
+               *[(*_series_style(i), f"trained on {m}") for i, m in enumerate(methods)]]
+    for i, (color, dashes, marker, label) in enumerate(entries):
+        y = ly + 18 * i + 6
+        _dashed(draw, [(12, y), (52, y)], color, dashes, width=3)
+        _marker(draw, 32, y, marker, color)
+        draw.text((60, ly + 18 * i), label, fill="black", font=font)
     draw.text((cols * pw - 150, ly), "gray dashes: chance", fill=(110, 110, 110), font=font)
     with atomic_open(path) as fh:
         img.save(fh, "PNG")
@@ -331,17 +461,21 @@ def build_report(
         },
         "methods": [
             {"method": m.name, "seconds_to_protect": m.seconds, "images": len(m.pixels),
-             "measured_linf": measured_linf(clean.pixels, m.pixels), **m.details}
+             "measured_linf": method_linf(m, clean), "linf_measured_at": "native size" if m.linf is not None else "victim size",
+             **m.details}
             for m in methods
         ],
         "rows": [
             {"method": r.method, "arch": r.arch, "countermeasure": r.countermeasure, "chance": r.chance,
              "clean_trained_accuracy": r.clean.test_accuracy, "protected_trained_accuracy": r.protected.test_accuracy,
+             "clean_trained_ci95": list(wilson_interval(r.clean.test_accuracy, len(test))),
+             "protected_trained_ci95": list(wilson_interval(r.protected.test_accuracy, len(test))),
              "drop": r.drop, "clean_trained_curve": r.clean.epoch_accuracy, "protected_trained_curve": r.protected.epoch_accuracy,
              "clean_trained_train_accuracy": r.clean.train_accuracy, "protected_trained_train_accuracy": r.protected.train_accuracy,
              "clean_trained_seconds": r.clean.seconds, "protected_trained_seconds": r.protected.seconds}
             for r in rows
         ],
+        "warnings": trust_warnings(rows, len(test)),
         "seconds": seconds,
     }
 
@@ -350,11 +484,21 @@ def build_report(
 
 
 def default_report_path(req: VerifyRequest) -> Path:
-    """Next to the protected tree when there is one, else runs/verify/<data>-report.json."""
+    """Next to the protected tree when there is one, else runs/verify/<data>-report.json; never an
+    earlier run's report: a taken name gets -2, -3, ... (an explicit --report is overwritten)."""
     if req.protected is not None:
-        return Path(req.protected).resolve().parent / "verify-report.json"
-    name = Path(str(req.data)).name or "data"
-    return Path("runs") / "verify" / f"{name}-report.json"
+        first = Path(req.protected).resolve().parent / "verify-report.json"
+    else:
+        first = Path("runs") / "verify" / f"{Path(str(req.data)).name or 'data'}-report.json"
+    path, n = first, 1
+    while path.exists() or plot_path_for(path).exists():
+        n += 1
+        path = first.with_name(f"{first.stem.removesuffix('-report')}-{n}-report.json")
+    return path
+
+
+def plot_path_for(report_path: Path) -> Path:
+    return report_path.with_name(report_path.stem.removesuffix("-report") + "-curves.png")
 
 
 def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, list[Method], dict[str, Any] | None, float | None]:
@@ -373,11 +517,14 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
         protected = load_labeled(str(req.protected), "train", size, channels)
         test = load_labeled(str(req.test), "test", size, channels)
         check_test_set(clean, test)
-        protected_pixels = match_protected(clean, protected, Path(req.clean), Path(req.protected))
+        order = match_order(clean, protected, Path(req.clean), Path(req.protected))
+        protected_pixels, protected_paths = protected.pixels[order], [protected.paths[i] for i in order.tolist()]
         index = sample_index(len(clean), req.limit, seed)
         if index is not None:
             clean, protected_pixels = clean.subset(index), protected_pixels[index]
-        methods.append(Method("protected", protected_pixels, None, {"path": str(req.protected)}))
+            protected_paths = [protected_paths[i] for i in index.tolist()]
+        linf = native_linf(clean.paths, protected_paths)
+        methods.append(Method("protected", protected_pixels, None, {"path": str(req.protected)}, linf))
     elif req.data is not None:
         if req.weights is None and not req.baselines:
             raise VerifyError("nothing to verify: give --weights FILE and/or --baseline random|classwise|em")
@@ -389,8 +536,8 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
     epsilon = req.epsilon
     if epsilon is None and meta is not None:
         epsilon = meta.epsilon
-    if epsilon is None and methods:
-        epsilon = float(measured_linf(clean.pixels, methods[0].pixels))  # baselines spend what protect spent
+    if epsilon is None and methods:  # baselines spend what protect spent
+        epsilon = float(math.floor(methods[0].linf) if methods[0].linf is not None else measured_linf(clean.pixels, methods[0].pixels))
     weights_record = None
     if req.weights is not None:
         method, weights_record = generator_method(req.weights, clean, epsilon, device, req.cfg.victim.precision)
@@ -414,7 +561,8 @@ def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row
     clean, test, methods, weights_record, epsilon = _resolve_inputs(req)
     for m in methods:
         took = "given on disk" if m.seconds is None else f"protected in {m.seconds:.1f}s"
-        console.print(f"[dim]{m.name}: {len(m.pixels)} training images, L-inf {measured_linf(clean.pixels, m.pixels)}/255, {took}[/dim]")
+        where = "at the files' own size" if m.linf is not None else f"at {clean.pixels.shape[-1]} px"
+        console.print(f"[dim]{m.name}: {len(m.pixels)} training images, L-inf {method_linf(m, clean):g}/255 {where}, {took}[/dim]")
 
     def progress(row: Row) -> None:
         console.print(f"[dim]{row.method} / {row.arch} / {row.countermeasure}: clean-trained "
@@ -428,7 +576,7 @@ def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row
               "em": asdict(req.em) if "em" in req.baselines else None}
     report = build_report(rows, methods, clean, test, req.cfg, inputs, weights_record, time.perf_counter() - start)
     report_path = Path(req.report) if req.report else default_report_path(req)
-    plot_path = report_path.with_name(report_path.stem.removesuffix("-report") + "-curves.png")
+    plot_path = plot_path_for(report_path)
     write_atomic(report_path, json.dumps(report, indent=2) + "\n")
     plot_curves(rows, plot_path)
     return rows, report, report_path, plot_path
@@ -439,11 +587,13 @@ def verify_cli(req: VerifyRequest, device: str, precision: str) -> int:
     try:
         dev = resolve_device(device)
         req.cfg.victim.device, req.cfg.victim.precision = str(dev), resolve_precision(precision, dev)
-        rows, _, report_path, plot_path = verify(req, Console(stderr=True))
+        rows, report, report_path, plot_path = verify(req, Console(stderr=True))
     except ValueError as exc:  # UsageErrors, and countermeasure / dataset values that cannot be used
         Console(stderr=True).print(f"error: {exc}", markup=False)
         return 2
     console = Console()
-    console.print(results_table(rows))
+    console.print(results_table(rows, report["data"]["test"]["images"]))
+    for warning in report["warnings"]:
+        Console(stderr=True).print(f"warning: {warning}", style="yellow", markup=False)
     console.print(f"report: {report_path}\ncurves: {plot_path}")
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cgan_cli.core.choices import STDIN, check_device_name, check_epsilon
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.formats import FORCED_FORMATS, EncodeOptions
+from cgan_cli.core.formats import FORCED_FORMATS, EncodeOptions, is_image_name
 from cgan_cli.core.shipped import default_weights
 from cgan_cli.protect.workers import default_workers
 
@@ -17,7 +17,7 @@ class ProtectConfig:
     """Everything `cgan protect` was asked to do; the CLI's defaults are these."""
 
     inputs: tuple[str, ...]
-    out: Path
+    out: Path  # the CLI fills in a default (protect/preflight.py) before anything runs
     weights: Path | None = None  # None = the shipped default, which must exist (never random weights)
     epsilon: float | None = None
     device: str = "auto"
@@ -48,6 +48,13 @@ class ProtectConfig:
         return (self.stdin_tar or self.shard_size is not None or self.to_stdout
                 or any(s != STDIN and looks_like_shards(s) for s in self.inputs))
 
+    @property
+    def single_file(self) -> bool:
+        """One image file in, one image file out: SRC is one file and --out has an image suffix."""
+        if len(self.inputs) != 1 or self.inputs[0] == STDIN or not is_image_name(str(self.out)) or Path(self.out).is_dir():
+            return False
+        return Path(self.inputs[0]).is_file() and not self.shard_mode
+
     def checked(self) -> "ProtectConfig":
         """Usage errors in the options themselves (cheap: no torch work); the weights path resolved."""
         if self.format is not None and self.format not in FORCED_FORMATS:
@@ -64,3 +71,25 @@ class ProtectConfig:
 
     def encode_options(self) -> EncodeOptions:
         return EncodeOptions(self.format, self.quality, self.measure_written)
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """What `cgan preview` was asked to show; the CLI's defaults are these."""
+
+    inputs: tuple[str, ...]
+    out: Path = Path("preview.png")
+    weights: Path | None = None  # None = the shipped default
+    epsilon: float | None = None
+    device: str = "auto"
+    full_res: bool = False
+    count: int = 4  # inputs shown (rows)
+    amplify: float = 10.0  # the noise column: the change times this, around mid-gray
+    height: int = 256  # pixels per row
+
+    def checked(self) -> "PreviewConfig":
+        """The same option checks and default weights as protect."""
+        protect = ProtectConfig(self.inputs, self.out, self.weights, epsilon=self.epsilon, device=self.device, workers=0).checked()
+        if not is_image_name(str(self.out)) or Path(self.out).suffix.lower() != ".png":
+            raise UsageError(f"--out {self.out}: the preview is a PNG file; give a name ending in .png")
+        return replace(self, weights=protect.weights)

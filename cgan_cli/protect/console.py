@@ -1,8 +1,9 @@
 """What `cgan protect` shows and returns: progress, per-file failures, the closing line, the exit code.
 
-A progress bar (images/s, ETA) only on a terminal; with --json one JSON line (on stderr when stdout
-carries a tar stream); failed files are always listed on stderr; otherwise quiet when stdout is not
-a terminal. Exit codes: 0 every input protected or skipped, 1 any failure, 2 usage error.
+A progress bar (images/s, ETA) on stderr when stderr is a terminal (also when stdout is piped, as in
+`--json | jq`); with --json one JSON line (on stderr when stdout carries a tar stream); failed files
+and the closing line (counts, where the files went) always on stderr. Exit codes: 0 every input
+protected, skipped or ignored, 1 any failure, 2 usage error, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -28,15 +29,28 @@ from rich.text import Text
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.distributed import init_distributed, shutdown
 from cgan_cli.protect.manifest import ManifestRecord, RunSummary, ShardRunSummary
+from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line
 from cgan_cli.protect.run import ProtectConfig, dry_run, run_protect
 from cgan_cli.protect.sources import ShardState, count_samples
 from cgan_cli.protect.tars import OutputClosed
 
 
+def rate_text(summary: RunSummary) -> str:
+    """Protected images per wall-clock second, or why there is no such number."""
+    c = summary.counts
+    if not c["protected"] and c["skipped"] and c["skipped"] == summary.total - c.get("ignored", 0):
+        return f"all {c['skipped']} skipped (already protected)"
+    return f"{summary.images_per_second:.1f} img/s"
+
+
 class _RateColumn(ProgressColumn):
+    """Protected images per second of the bar's wall time; at the end exactly the summary's figure."""
+
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} img/s" if speed else "-- img/s")
+        if task.fields.get("final"):
+            return Text(task.fields["final"])
+        protected, elapsed = task.fields.get("protected", 0), task.elapsed or 0.0
+        return Text(f"{protected / elapsed:.1f} img/s" if protected and elapsed else "-- img/s")
 
 
 def _progress() -> Progress:
@@ -50,7 +64,11 @@ def _closing_line(cfg: ProtectConfig, summary: RunSummary) -> str:
         s = summary.shards
         return (f"shards: {s['done']} written, {s['skipped']} already done, {s['failed']} failed; members: "
                 f"protected {c['protected']}, passed through {c['skipped']}, failed {c['failed']} -> {cfg.out}")
-    return f"protected {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out} ({summary.images_per_second:.1f} img/s)"
+    ignored = f", ignored {c['ignored']}" if c.get("ignored") else ""
+    rate = rate_text(summary)
+    if rate.startswith("all "):
+        return f"{rate}{ignored} -> {cfg.out}"
+    return f"protected {c['protected']}, skipped {c['skipped']}, failed {c['failed']}{ignored} -> {cfg.out} ({rate})"
 
 
 def _run(cfg: ProtectConfig, err: Console, tty: bool) -> tuple[RunSummary, bool]:
@@ -72,13 +90,18 @@ def _run(cfg: ProtectConfig, err: Console, tty: bool) -> tuple[RunSummary, bool]
     if not tty:
         return run_protect(cfg, on_record=failed), True
     with _progress() as bar:
-        task = bar.add_task("protect", total=count_samples(list(cfg.inputs)))
+        task = bar.add_task("protect", total=count_samples(list(cfg.inputs)), protected=0)
+        protected = 0
 
         def show(rec: ManifestRecord) -> None:
-            bar.advance(task)
+            nonlocal protected
+            protected += rec.status == "protected"
+            bar.update(task, advance=1, protected=protected)
             failed(rec, bar.console)
 
-        return run_protect(cfg, on_record=show), True
+        summary = run_protect(cfg, on_record=show)
+        bar.update(task, final=rate_text(summary))
+        return summary, True
 
 
 def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
@@ -94,24 +117,27 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
                 c = payload["counts"]
                 print(f"would protect {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out}")
             return 0
-        summary, reports = _run(cfg, err, tty=sys.stdout.isatty() and not json_out and not cfg.shard_mode)
+        summary, reports = _run(cfg, err, tty=sys.stderr.isatty() and not cfg.shard_mode)
     except UsageError as exc:
         err.print(f"cgan protect: error: {exc}", markup=False)
         return 2
+    except KeyboardInterrupt:  # before the run started: nothing was written
+        err.print(interrupted_line(0), markup=False)
+        return INTERRUPTED
     except OutputClosed as exc:
         # Point stdout at /dev/null so the interpreter's final flush cannot raise a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         err.print(f"cgan protect: stopped: {exc}; the output is incomplete", markup=False)
         return 1
     if not reports:
-        pass
-    elif json_out:
+        return INTERRUPTED if summary.interrupted else summary.exit_code
+    if json_out:
         print(json.dumps(asdict(summary), separators=(",", ":")), file=json_stream)
-    elif isinstance(summary, ShardRunSummary):
-        err.print(_closing_line(cfg, summary), markup=False)
-        if summary.stale_removed:
-            err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
-                      + ", ".join(sorted(summary.stale_removed)), markup=False)
-    elif sys.stdout.isatty():
-        print(_closing_line(cfg, summary))
+    if summary.interrupted:
+        err.print(interrupted_line(summary.counts["protected"]), markup=False)
+        return INTERRUPTED
+    err.print(_closing_line(cfg, summary), markup=False)
+    if isinstance(summary, ShardRunSummary) and summary.stale_removed:
+        err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
+                  + ", ".join(sorted(summary.stale_removed)), markup=False)
     return summary.exit_code

@@ -21,7 +21,7 @@ from cgan_cli.core.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "summary.json"
-STATUSES = ("protected", "skipped", "failed")
+STATUSES = ("protected", "skipped", "failed", "ignored")  # ignored: not an input of this run (the reason in `error`)
 
 
 @dataclass
@@ -35,8 +35,8 @@ class ManifestRecord:
 
     source: str
     output: str | None
-    status: str  # protected | skipped | failed
-    error: str | None = None
+    status: str  # protected | skipped | failed | ignored
+    error: str | None = None  # why it failed, or why it was ignored
     width: int | None = None
     height: int | None = None
     mode: str | None = None  # the source's PIL mode, e.g. RGB, L, RGBA, I;16
@@ -86,8 +86,9 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STATUSES})
     total: int = 0
     wall_seconds: float = 0.0
-    images_per_second: float = 0.0
+    images_per_second: float = 0.0  # protected images per wall-clock second of the run (the progress bar ends on it)
     dry_run: bool = False
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT); a rerun of the same command resumes
 
     def add(self, status: str) -> None:
         self.counts[status] += 1

@@ -72,6 +72,7 @@ class Prepared:
     passthrough: bytes | None = None
     skip: DoneEntry | None = None
     error: str | None = None
+    ignored: str | None = None  # not an input of this run (e.g. a file inside --out): the reason
     seconds: float = 0.0
 
 
@@ -127,6 +128,8 @@ Finished = tuple[ManifestRecord, "bytes | None"]  # a record, and the payload wh
 def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions, sink: Sink | None, t_engine: float) -> Finished:
     """Encode stage: encode, measure the change, write to `sink` if given (else hand the payload back)."""
     t0 = time.perf_counter()
+    if item.ignored is not None:
+        return ManifestRecord(item.sample.id, None, "ignored", item.ignored), None
     if item.error is not None or item.skip is not None:
         rec = _base_record(item, "failed" if item.error is not None else "skipped")
         if item.skip is not None:
@@ -217,13 +220,19 @@ class Admitted:
     settled: Prepared | None = None
 
 
-def admit(samples: Iterable[Sample], options: EncodeOptions, resume: ResumeIndex, sink: Sink, guard: Guard | None) -> Iterator[Admitted]:
-    """Rename for --format, refuse what the guard refuses and what collides, look up resume.
+def admit(samples: Iterable[Sample], options: EncodeOptions, resume: ResumeIndex, sink: Sink, guard: Guard | None,
+          ignore: Guard | None = None) -> Iterator[Admitted]:
+    """Rename for --format, pass over what `ignore` names, refuse what the guard refuses and what
+    collides, look up resume.
 
     In-memory passthrough members (a tar's .cls/.json) have nothing to decode: they settle here.
     """
     seen: dict[str, str] = {}
     for sample in samples:
+        reason = ignore(sample) if ignore else None
+        if reason is not None:
+            yield Admitted(sample, settled=Prepared(sample, ignored=reason))
+            continue
         if not sample.passthrough:  # --format renames images only; a tar's .cls/.json keep their names
             sample = replace(sample, rel_out=output_name(sample.rel_out, options))
         refusal = guard(sample) if guard else None
@@ -373,6 +382,7 @@ def protect_stream(
     guard: Guard | None = None,
     engine_in_workers: bool | None = None,
     seed: int = 0,
+    ignore: Guard | None = None,
 ) -> None:
     """Run every sample through decode -> engine -> encode -> sink; `on_record` gets records in input order.
 
@@ -386,7 +396,7 @@ def protect_stream(
     in_workers = engine.device.type == "cpu" if engine_in_workers is None else engine_in_workers
     spec = EngineSpec(engine.cfg, cpu_threads_per_worker(workers), seed)
     run = _finished_in_workers if in_workers else _finished_on_device
-    finished = run(admit(samples, options, resume, sink, guard), engine, spec, options, out_sink, workers)
+    finished = run(admit(samples, options, resume, sink, guard, ignore), engine, spec, options, out_sink, workers)
     try:
         for sample, (rec, payload) in finished:
             if payload is not None:  # ordered sink: written here, in input order

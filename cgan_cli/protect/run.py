@@ -52,6 +52,7 @@ from cgan_cli.protect.pipeline import (
     run_settings,
 )
 from cgan_cli.protect.sinks import (
+    FileSink,
     FolderSink,
     Reshard,
     ReshardSink,
@@ -93,31 +94,36 @@ class Plan:
     samples: Iterable[Sample]
     sink: Sink
     summary: RunSummary
-    manifest: Path | None  # None: the output is a stream, there is no folder to hold a manifest
+    manifest: Path | None  # None: the output is a stream or one file, there is no folder to hold a manifest
     resume: ResumeIndex
     guard: Guard | None
+    ignore: Guard | None = None
 
 
 # ---------------------------------------------------------------- folders, files, stdin path lists
 
 
-def folder_guard(out: Path) -> Guard:
+def inside_out(out: Path) -> Guard:
+    """Paths listed on stdin that lie inside --out (`find .` lists an earlier run's outputs): ignored."""
     out_r = out.resolve()
 
-    def guard(sample: Sample) -> str | None:
+    def reason(sample: Sample) -> str | None:
         if sample.path is not None:
             src = Path(sample.path).resolve()
             if src == out_r or out_r in src.parents:
-                return f"source lies inside --out {out}; refusing to read outputs as inputs"
+                return f"inside --out {out}: an output, not an input"
         return None
 
-    return guard
+    return reason
 
 
 def plan_files(cfg: ProtectConfig, engine: ProtectEngine) -> Plan:
+    samples = iter_samples(list(cfg.inputs), sys.stdin)
+    if cfg.single_file:  # one image in, the file --out names out: no folder, so no manifest or summary.json
+        return Plan(samples, FileSink(cfg.out), new_summary(cfg, engine), None, ResumeIndex(), None)
     settings = run_settings(engine, cfg.encode_options())
-    return Plan(iter_samples(list(cfg.inputs), sys.stdin), FolderSink(cfg.out), new_summary(cfg, engine),
-                cfg.out / MANIFEST_NAME, ResumeIndex.load(cfg.out / MANIFEST_NAME, settings), folder_guard(cfg.out))
+    return Plan(samples, FolderSink(cfg.out), new_summary(cfg, engine), cfg.out / MANIFEST_NAME,
+                ResumeIndex.load(cfg.out / MANIFEST_NAME, settings), None, inside_out(cfg.out))
 
 
 # ---------------------------------------------------------------- shards
@@ -213,8 +219,10 @@ def run_protect(
     """Protect every input; returns the summary, also written to summary.json (by rank 0).
 
     Raises UsageError before anything is written when the command line cannot run. Per-file
-    problems never raise: they become failed records.
+    problems never raise: they become failed records. Ctrl-C (KeyboardInterrupt) stops the run:
+    what finished is recorded, summary.json says `interrupted`, and the summary is returned.
     """
+    t0 = time.perf_counter()  # the run's wall time: engine start-up included, as the user waits for it
     ctx = ctx or DistContext(device=cfg.device)
     cfg = cfg.checked()
     check_inputs(cfg, ctx.world_size)
@@ -240,10 +248,11 @@ def run_protect(
         if on_record:
             on_record(rec)
 
-    t0 = time.perf_counter()
     try:
         protect_stream(plan.samples, plan.sink, engine, cfg.encode_options(), record, cfg.workers, plan.resume, plan.guard,
-                       seed=cfg.seed)
+                       seed=cfg.seed, ignore=plan.ignore)
+    except KeyboardInterrupt:
+        plan.summary.interrupted = True
     finally:
         if writer is not None:
             writer.close()
@@ -295,5 +304,5 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
         done = resume.lookup(rel, lambda r: (cfg.out / r).is_file())
         skip = done is not None and hashlib.sha256(sample.read()).hexdigest() == done.sha256_in
         summary.add("skipped" if skip else "protected")
-        emit(f"{'skip' if skip else 'protect'}\t{sample.id}\t{cfg.out / rel}")
+        emit(f"{'skip' if skip else 'protect'}\t{sample.id}\t{cfg.out if cfg.single_file else cfg.out / rel}")
     return asdict(summary)

@@ -1,6 +1,7 @@
 """Sinks: where protected payloads go. One writer class per output kind.
 
 - `FolderSink`: mirrors the input tree under a folder (folders, files, stdin path lists).
+- `FileSink`: one image file in, the one file --out names out.
 - `ShardFilesSink`: one output tar per input shard, same name, with a done marker for resume.
 - `TarStreamSink`: one tar stream (stdout) holding every shard's members.
 - `ReshardSink`: ShardWriter-style shards of at most N samples, named `pattern % index`.
@@ -78,6 +79,25 @@ class FolderSink:
 
     def close(self) -> None:
         """Nothing is buffered: every write is already durable under its final name."""
+
+
+class FileSink:
+    """One image in, one named file out (`cgan protect photo.jpg --out photo-protected.jpg`)."""
+
+    ordered = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, sample: Sample, payload: bytes) -> str:
+        write_atomic(self.path, payload)
+        return str(self.path)
+
+    def exists(self, rel_out: str) -> bool:
+        return False  # no manifest, no resume: the CLI refuses an --out file that already exists
+
+    def close(self) -> None:
+        """Nothing is buffered."""
 
 
 # ---------------------------------------------------------------- tar sinks

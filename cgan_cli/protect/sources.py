@@ -13,6 +13,7 @@ source to the (ordered) tar sink.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections import deque
@@ -120,6 +121,48 @@ def stdin_samples(stream: TextIO) -> Iterator[Sample]:
         if name:
             path = Path(name)
             yield Sample(id=name, rel_out=_stdin_rel(path), path=path)
+
+
+class _Replay(io.RawIOBase):
+    """A byte stream that first replays `head`, then reads on from `rest` (stdin after a peek)."""
+
+    def __init__(self, head: bytes, rest: io.BufferedIOBase) -> None:
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        data = self.head[: len(buffer)] if self.head else self.rest.read1(len(buffer))
+        self.head = self.head[len(data):]
+        buffer[: len(data)] = data
+        return len(data)
+
+
+TAR_MAGIC_OFFSET = 257  # a POSIX tar header holds b"ustar" here
+
+
+def peek_stdin(size: int = 512) -> bytes:
+    """The first `size` bytes of stdin, leaving sys.stdin to read them again (text or binary)."""
+    raw = sys.stdin.buffer
+    head = b""
+    while len(head) < size:
+        chunk = raw.read1(size - len(head))
+        if not chunk:
+            break
+        head += chunk
+    replay = io.BufferedReader(_Replay(head, raw))
+    sys.stdin = io.TextIOWrapper(replay, encoding=sys.stdin.encoding, errors=sys.stdin.errors)
+    return head
+
+
+def looks_like_tar(head: bytes) -> bool:
+    return head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] == b"ustar"
+
+
+def has_images(inputs: list[str]) -> bool:
+    """Whether the (non-stdin) inputs name at least one file to protect; stops at the first."""
+    return any(True for _ in iter_samples([s for s in inputs if s != STDIN]))
 
 
 def iter_samples(inputs: list[str], stdin: TextIO | None = None) -> Iterator[Sample]:

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from webdataset.gopen import gopen
-
 from cgan_cli.core.choices import STDIN
 from cgan_cli.core.urls import SHARD_SUFFIXES
 
@@ -95,6 +93,10 @@ def iter_members(stream: BinaryIO, url: str) -> Iterator[TarMember]:
 
 def open_shard(url: str) -> BinaryIO:
     """Open a shard URL for reading: path, file:, pipe:, or '-' for stdin (webdataset's gopen)."""
+    from webdataset.gopen import (
+        gopen,  # webdataset imports torch: not when the CLI only checks its inputs
+    )
+
     return gopen(url, "rb")
 
 def _member_info(name: str, size: int, mtime: int) -> tarfile.TarInfo:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,16 +49,37 @@ def start_fork_server() -> None:
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
-    forkserver.ensure_running()
+    with sigint_ignored():  # inherited through exec: the server's torch import and every worker ignore Ctrl-C
+        forkserver.ensure_running()
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while starting a child process, so the child starts with it ignored.
+
+    Why: Ctrl-C on a terminal reaches the whole process group. Only the main process should react
+    (stop, write summary.json, print one line); a worker or the fork server importing torch would
+    print a traceback each. Python keeps an inherited SIG_IGN instead of installing KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def exit_with(parent: int, interval: float = 1.0) -> None:
-    """Worker initializer: exit when the main process is gone (a SIGKILL, an OOM kill).
+    """Worker initializer: ignore Ctrl-C (the main process handles it) and exit when the main
+    process is gone (a SIGKILL, an OOM kill).
 
     Why: a pool worker waits on its task queue forever, and a killed parent never sends the
     shutdown; the orphans (and the fork server they keep alive) would hold a torch process each.
     POSIX only: on Windows `os.kill(pid, 0)` would terminate the parent instead of probing it.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.name == "nt":
         return
 
