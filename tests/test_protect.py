@@ -65,7 +65,7 @@ def test_zoo_protects_good_fails_bad_and_never_touches_inputs(tmp_path: Path, zo
     assert res.exit_code == 1, res.output
     assert _tree_hashes(root) == before
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["counts"] == {"protected": len(GOOD), "skipped": 0, "failed": len(BAD)}
+    assert summary["counts"] == {"protected": len(GOOD), "skipped": 0, "failed": len(BAD), "ignored": 0}
     recs = _records(out)
     assert set(recs) == {str(p) for p in zoo.values()}
     for key in GOOD:
@@ -227,7 +227,7 @@ def test_resume_skips_done_and_redoes_changed(tmp_path: Path, rgb_weights: Path)
     Image.fromarray(smooth_rgb(16, 16, 9)).save(src / "1.png")
     res = _run(*args)
     assert res.exit_code == 0
-    assert json.loads(res.stdout)["counts"] == {"protected": 1, "skipped": 2, "failed": 0}
+    assert json.loads(res.stdout)["counts"] == {"protected": 1, "skipped": 2, "failed": 0, "ignored": 0}
     last = _records(out)
     assert last[str(src / "0.png")]["status"] == "skipped" and last[str(src / "1.png")]["status"] == "protected"
     assert _tree_hashes(out)["0.png"] == first["0.png"] and _tree_hashes(out)["1.png"] != first["1.png"]
@@ -236,7 +236,7 @@ def test_resume_skips_done_and_redoes_changed(tmp_path: Path, rgb_weights: Path)
     assert summary["epsilon"] == EPSILON and summary["device"] == "cpu" and summary["precision"] == "fp32"
     assert summary["total"] == 3 and summary["wall_seconds"] > 0 and summary["cgan_version"]
     other = _run(*args, "--epsilon", "4")  # other settings: nothing may be reused
-    assert json.loads(other.stdout)["counts"] == {"protected": 3, "skipped": 0, "failed": 0}
+    assert json.loads(other.stdout)["counts"] == {"protected": 3, "skipped": 0, "failed": 0, "ignored": 0}
 
 
 class ListSink:

@@ -130,7 +130,7 @@ def test_protect_shards_roundtrip_with_webdataset(tmp_path, rgb_weights):
                               {k: v for k, v in b.items() if not k.startswith("__")})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"] == {"done": 2, "skipped": 0, "failed": 0}
-    assert summary["counts"] == {"protected": 8, "skipped": 14, "failed": 0}
+    assert summary["counts"] == {"protected": 8, "skipped": 14, "failed": 0, "ignored": 0}
     marker = json.loads((out / ".done" / "train-000000.tar.json").read_text())
     assert marker["members_written"] == len(originals[0])
 

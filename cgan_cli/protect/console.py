@@ -1,8 +1,9 @@
 """What `cgan protect` shows and returns: progress, per-file failures, the closing line, the exit code.
 
 A progress bar (images/s, ETA) only on a terminal; with --json one JSON line (on stderr when stdout
-carries a tar stream); failed files are always listed on stderr; otherwise quiet when stdout is not
-a terminal. Exit codes: 0 every input protected or skipped, 1 any failure, 2 usage error.
+carries a tar stream); failed files are always listed on stderr, and a count of ignored files (not
+images, hidden) with a pointer to the manifest; otherwise quiet when stdout is not a terminal.
+Exit codes: 0 every input protected, skipped or ignored, 1 any failure, 2 usage error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rich.text import Text
 
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.distributed import init_distributed, shutdown
-from cgan_cli.protect.manifest import ManifestRecord, RunSummary, ShardRunSummary
+from cgan_cli.protect.manifest import MANIFEST_NAME, ManifestRecord, RunSummary, ShardRunSummary
 from cgan_cli.protect.run import ProtectConfig, dry_run, run_protect
 from cgan_cli.protect.sources import ShardState, count_samples
 from cgan_cli.protect.tars import OutputClosed
@@ -50,7 +51,16 @@ def _closing_line(cfg: ProtectConfig, summary: RunSummary) -> str:
         s = summary.shards
         return (f"shards: {s['done']} written, {s['skipped']} already done, {s['failed']} failed; members: "
                 f"protected {c['protected']}, passed through {c['skipped']}, failed {c['failed']} -> {cfg.out}")
-    return f"protected {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out} ({summary.images_per_second:.1f} img/s)"
+    return (f"protected {c['protected']}, skipped {c['skipped']}, failed {c['failed']}, ignored {c.get('ignored', 0)} "
+            f"-> {cfg.out} ({summary.images_per_second:.1f} img/s)")
+
+
+def _ignored_line(cfg: ProtectConfig, summary: RunSummary) -> str | None:
+    """Files found in input folders that were not inputs: never silent, always on stderr."""
+    ignored = summary.counts.get("ignored", 0)
+    if not ignored:
+        return None
+    return f"ignored {ignored} non-image or hidden file{'s' if ignored != 1 else ''}: see {cfg.out / MANIFEST_NAME}"
 
 
 def _run(cfg: ProtectConfig, err: Console, tty: bool) -> tuple[RunSummary, bool]:
@@ -92,7 +102,8 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
                 print(json.dumps(payload, separators=(",", ":")))
             elif not cfg.shard_mode and sys.stdout.isatty():
                 c = payload["counts"]
-                print(f"would protect {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out}")
+                print(f"would protect {c['protected']}, skipped {c['skipped']}, failed {c['failed']}, "
+                      f"ignored {c.get('ignored', 0)} -> {cfg.out}")
             return 0
         summary, reports = _run(cfg, err, tty=sys.stdout.isatty() and not json_out and not cfg.shard_mode)
     except UsageError as exc:
@@ -112,6 +123,9 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
         if summary.stale_removed:
             err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
                       + ", ".join(sorted(summary.stale_removed)), markup=False)
-    elif sys.stdout.isatty():
-        print(_closing_line(cfg, summary))
+    else:
+        if sys.stdout.isatty():
+            print(_closing_line(cfg, summary))
+        if (line := _ignored_line(cfg, summary)) is not None:
+            err.print(line, markup=False)
     return summary.exit_code

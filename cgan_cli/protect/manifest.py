@@ -21,7 +21,7 @@ from cgan_cli.core.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "summary.json"
-STATUSES = ("protected", "skipped", "failed")
+STATUSES = ("protected", "skipped", "failed", "ignored")
 
 
 @dataclass
@@ -35,8 +35,8 @@ class ManifestRecord:
 
     source: str
     output: str | None
-    status: str  # protected | skipped | failed
-    error: str | None = None
+    status: str  # protected | skipped | failed | ignored (a file in a folder that is no input: hidden, not an image)
+    error: str | None = None  # why it failed, or why it was ignored
     width: int | None = None
     height: int | None = None
     mode: str | None = None  # the source's PIL mode, e.g. RGB, L, RGBA, I;16
