@@ -45,7 +45,7 @@ READ_ONLY = {"CUR": "PNG", "PSD": "PNG"}  # formats Pillow reads but cannot writ
 CONVERTED_SUFFIXES = {".cur": ".png", ".psd": ".png"}  # ...and the output's suffix
 FRAME_FORMATS = frozenset({"PNG", "WEBP", "TIFF", "GIF", "AVIF", "HEIF"})  # whose extra frames are protected and kept
 ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF", "AVIF", "HEIF", "JPEG2000", "TGA", "QOI", "ICO"})
-GRAY16_FORMATS = frozenset({"PNG", "TIFF", "PPM"})
+GRAY16_FORMATS = frozenset({"PNG", "TIFF", "PPM", "JPEG2000"})
 FAX_COMPRESSIONS = frozenset({"group3", "group4", "tiff_ccitt"})  # 1-bit only: protected pixels are 8-bit
 FORCED_FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 DEFAULT_LOSSY_QUALITY = 95  # lossy WebP/AVIF/HEIF sources, and JPEG/WebP written from other formats
@@ -63,7 +63,8 @@ class ImageError(ValueError):
 
 
 class Frame(NamedTuple):
-    """A frame or page after the first: same size, channels and dtype as the first."""
+    """A frame or page after the first: same channels and dtype as the first; the same size except
+    for TIFF pages (a page can be a thumbnail or an overview)."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
@@ -355,9 +356,8 @@ def _read_frames(img: Image.Image, count: int) -> tuple[list[tuple[np.ndarray, n
         splits.append(_split(img if method is None else img.transpose(method)))
         durations.append(img.info.get("duration"))
         disposals.append(img.info.get("disposal"))
-    shapes = {(p.shape[0], p.shape[1], p.dtype.str) for p, _ in splits}
-    if len(shapes) > 1:
-        raise ImageError(f"its {count} frames / pages differ in size or bit depth; split them into separate files first")
+    if len({p.dtype.str for p, _ in splits}) > 1:
+        raise ImageError(f"its {count} pages differ in bit depth; split them into separate files first")
     channels = max(p.shape[2] for p, _ in splits)
     with_alpha = any(a is not None for _, a in splits)
     top = 65535 if splits[0][0].dtype == np.uint16 else 255
@@ -424,9 +424,9 @@ def decode_image(data: bytes, name: str = "") -> DecodedImage:
     )
 
 
-def _to_image(decoded: DecodedImage, pixels: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
-    if pixels.shape != decoded.pixels.shape or pixels.dtype != decoded.pixels.dtype:
-        raise ValueError(f"protected pixels {pixels.shape} {pixels.dtype} do not match the source {decoded.pixels.shape}")
+def _to_image(source: np.ndarray, pixels: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
+    if pixels.shape != source.shape or pixels.dtype != source.dtype:
+        raise ValueError(f"protected pixels {pixels.shape} {pixels.dtype} do not match the source {source.shape}")
     if pixels.dtype == np.uint16:
         return Image.fromarray(np.ascontiguousarray(pixels[..., 0]).astype(np.uint16))  # -> mode I;16
     arr = pixels[..., 0] if pixels.shape[2] == 1 else pixels
@@ -508,7 +508,7 @@ def encode_image(decoded: DecodedImage, pixels: np.ndarray | list[np.ndarray], o
     if len(frames) != decoded.frame_count:
         raise ValueError(f"{len(frames)} protected frames for a {decoded.frame_count}-frame source")
     alphas = [decoded.alpha, *(frame.alpha for frame in decoded.later_frames)]
-    images = [_to_image(decoded, arr, alpha) for arr, alpha in zip(frames, alphas)]
+    images = [_to_image(source, arr, alpha) for source, arr, alpha in zip(decoded.frames_pixels, frames, alphas)]
     kwargs = _save_kwargs(decoded, fmt, options)
     if len(images) > 1:
         kwargs.update(save_all=True, append_images=images[1:], **_animation_kwargs(decoded, fmt))
@@ -553,11 +553,11 @@ def fidelity(original: np.ndarray | list[np.ndarray], changed: np.ndarray | list
 
 def written_fidelity(original: DecodedImage, written: DecodedImage) -> tuple[float, float | None]:
     """`fidelity` of a re-decoded output against its source, every frame (--measure-written)."""
-    a, b = original.pixels, written.pixels
-    if a.shape[:2] != b.shape[:2] or original.max_value != written.max_value:
-        raise ImageError(f"written image is {b.shape[1]}x{b.shape[0]} {written.out_mode}, source is {a.shape[1]}x{a.shape[0]} {original.out_mode}")
     if original.frame_count != written.frame_count:
         raise ImageError(f"written image has {written.frame_count} frames, source has {original.frame_count}")
+    for a, b in zip(original.frames_pixels, written.frames_pixels):
+        if a.shape[:2] != b.shape[:2] or original.max_value != written.max_value:
+            raise ImageError(f"written image is {b.shape[1]}x{b.shape[0]} {written.out_mode}, source is {a.shape[1]}x{a.shape[0]} {original.out_mode}")
     if original.frame_count == 1:
-        return fidelity(a, b, original.max_value)
+        return fidelity(original.pixels, written.pixels, original.max_value)
     return fidelity(original.frames_pixels, written.frames_pixels, original.max_value)

@@ -114,7 +114,7 @@ def folder_samples(root: Path) -> Iterator[Sample]:
     root = Path(root)
     for path, reason in _walk_sorted(root):
         if reason is None and not is_image_file(path.name, partial(_read_head, path)):
-            reason = "not an image (by its content)"
+            reason = "not an image (neither its suffix nor its first bytes name an image format)"
         yield Sample(id=str(path), rel_out=path.relative_to(root).as_posix(), path=path, ignored=reason)
 
 
