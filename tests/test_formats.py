@@ -193,3 +193,23 @@ def test_sniff_names_each_format_from_its_first_bytes(fmt: str, kw: dict) -> Non
 @pytest.mark.parametrize("head", [b"", b"hello world, plain text\n", b"{\"json\": true}", bytes(range(32)), b"PK\x03\x04zipfile"])
 def test_sniff_never_takes_text_or_data_for_an_image(head: bytes) -> None:
     assert sniff_format(head) is None
+
+
+def test_frames_take_the_same_path_in_every_engine_placement(format_run: FormatRun, rgb_weights: Path, tmp_path: Path) -> None:
+    """Frames share batches with single images; the GPU layout (one engine in the main process, run
+    here on the CPU) writes the same files and records as the worker layout."""
+    from cgan_cli.core.engine import EngineConfig, ProtectEngine
+    from cgan_cli.core.formats import EncodeOptions
+    from cgan_cli.protect.pipeline import protect_stream
+    from cgan_cli.protect.sinks import FolderSink
+    from cgan_cli.protect.sources import folder_samples
+
+    engine = ProtectEngine(EngineConfig(rgb_weights, device="cpu", batch_size=4))
+    root = format_run.files["heic"].parent
+    seen = {}
+    for name, kwargs in {"in workers": dict(workers=0), "main engine": dict(workers=1, engine_in_workers=False)}.items():
+        records: list = []
+        protect_stream(folder_samples(root), FolderSink(tmp_path / name), engine, EncodeOptions(), records.append, **kwargs)
+        seen[name] = [(r.source, r.status, r.output, r.sha256_out, r.linf) for r in records]
+    assert seen["in workers"] == seen["main engine"]
+    assert sorted(status for _, status, *_ in seen["in workers"]).count("ignored") == len(IGNORED)
