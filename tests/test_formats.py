@@ -213,3 +213,15 @@ def test_frames_take_the_same_path_in_every_engine_placement(format_run: FormatR
         seen[name] = [(r.source, r.status, r.output, r.sha256_out, r.linf) for r in records]
     assert seen["in workers"] == seen["main engine"]
     assert sorted(status for _, status, *_ in seen["in workers"]).count("ignored") == len(IGNORED)
+
+
+def test_dry_run_lists_ignored_files_with_the_reason(tmp_path: Path, rgb_weights: Path) -> None:
+    src = tmp_path / "in"
+    (src / ".cache").mkdir(parents=True)
+    (src / ".cache" / "x.jpg").write_bytes(b"")
+    Image.fromarray(smooth_rgb(16, 16)).save(src / "DSC0001", "JPEG")
+    (src / "todo.md").write_text("# list\n")
+    res = CliRunner().invoke(app, ["protect", str(src), "--out", str(tmp_path / "out"), "--weights", str(rgb_weights), "--dry-run"])
+    lines = sorted(line.split("\t")[:2] for line in res.stdout.splitlines())
+    assert lines == [["ignore", str(src / ".cache")], ["ignore", str(src / "todo.md")], ["protect", str(src / "DSC0001")]]
+    assert "hidden folder" in res.stdout and "not an image" in res.stdout
