@@ -240,8 +240,9 @@ def _webp_is_lossless(data: bytes, pos: int = 12, end: int | None = None) -> boo
 
 
 @lru_cache(maxsize=1)
-def _heif_opener() -> bool:
-    """Register pillow-heif's HEIF opener once per process, the first time a HEIF file is seen."""
+def heif_opener() -> bool:
+    """Register pillow-heif's HEIF opener once per process (the first time a HEIF file is seen, or
+    before code that opens image files with Pillow directly); False when pillow-heif is missing."""
     try:
         import pillow_heif
     except ImportError:
@@ -253,7 +254,7 @@ def _heif_opener() -> bool:
 def _open(data: bytes, name: str) -> Image.Image:
     if not data:
         raise ImageError("empty file (0 bytes)")
-    if sniff_format(data[:SNIFF_BYTES]) == "HEIF" and not _heif_opener():
+    if sniff_format(data[:SNIFF_BYTES]) == "HEIF" and not heif_opener():
         raise ImageError("HEIF/HEIC needs the pillow-heif package (pip install pillow-heif)")
     try:
         with warnings.catch_warnings():
@@ -514,7 +515,7 @@ def encode_image(decoded: DecodedImage, pixels: np.ndarray | list[np.ndarray], o
         kwargs.update(save_all=True, append_images=images[1:], **_animation_kwargs(decoded, fmt))
     buf = io.BytesIO()
     try:
-        if fmt == "HEIF" and not _heif_opener():
+        if fmt == "HEIF" and not heif_opener():
             raise OSError("HEIF needs the pillow-heif package (pip install pillow-heif)")
         images[0].save(buf, fmt, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
