@@ -7,8 +7,8 @@ process batches the pixels onto its one device (grouped by working shape), and e
 write the results while the next chunk computes (Pillow releases the GIL).
 
 Stages, each a small generator: `admit` (settle ignored files, rename for --format, refuse, spot
-collisions, look up resume) -> `in_order` (group, submit, bound what is in flight, hand results back in input order)
--> `finish` (encode, measure, write). Memory is flat in the number of inputs: samples are pulled
+collisions, look up resume) -> `in_order` (group, submit, bound what is in flight, hand results
+back in input order) -> `finish` (encode, measure, write). Memory is flat in the number of inputs: samples are pulled
 lazily and only a bounded window is in flight (two groups per worker, and about HELD_BYTES of
 in-memory tar members; on a GPU at most one chunk of `CHUNK_BATCHES x batch_size` decoded images,
 fewer above CHUNK_PIXELS, waits to be encoded). An `ordered` sink (a tar) gets samples in order.

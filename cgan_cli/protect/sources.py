@@ -100,11 +100,15 @@ def _walk_sorted(root: Path) -> Iterator[tuple[Path, str | None]]:
 
 
 def _read_head(path: Path, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
+def _is_input(path: Path) -> bool:
     try:
-        with open(path, "rb") as fh:
-            return fh.read(size)
+        return is_image_file(path.name, partial(_read_head, path))
     except OSError:
-        return b"\xff\xd8\xff"  # unreadable: attempt it, so the record says why it cannot be read
+        return True  # unreadable: attempt it, so that its record says why it cannot be read
 
 
 def folder_samples(root: Path) -> Iterator[Sample]:
@@ -113,7 +117,7 @@ def folder_samples(root: Path) -> Iterator[Sample]:
     format is an input only when its first bytes are an image's."""
     root = Path(root)
     for path, reason in _walk_sorted(root):
-        if reason is None and not is_image_file(path.name, partial(_read_head, path)):
+        if reason is None and not _is_input(path):
             reason = "not an image (neither its suffix nor its first bytes name an image format)"
         yield Sample(id=str(path), rel_out=path.relative_to(root).as_posix(), path=path, ignored=reason)
 
