@@ -179,7 +179,8 @@ def _pillow_image_suffixes() -> frozenset[str]:
     """Suffixes of every format Pillow can open: such files are attempted (an unsupported one fails
     with a message naming its format) rather than ignored."""
     Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    not_pictures = {"MPEG", "HDF5", "BUFR", "GRIB", "IPTC"}  # video, data, metadata: Pillow only identifies them
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt not in not_pictures)
 
 
 def is_image_file(name: str, read_head: Callable[[int], bytes]) -> bool:
