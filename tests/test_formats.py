@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cgan_cli.cli import app
 from cgan_cli.core.formats import SNIFF_BYTES, decode_image, fidelity, sniff_format
 
 FRAMES = 3
+ICO_SIZES = [(16, 16), (32, 32), (48, 48)]
 DURATIONS = [40, 70, 100]
 LOSSY = {"heic": 30.0, "avif": 30.0, "webp_lossy_anim": 30.0, "no_suffix_jpeg": 30.0}  # minimum PSNR (dB) of each frame vs its source
 
@@ -56,6 +58,8 @@ def write_format_folder(root: Path) -> dict[str, Path]:
     photo.save(files["ppm"], "PPM")
     photo.convert("L").save(files["pgm"], "PPM")
     photo.save(files["qoi"], "QOI")
+    files["ico"] = root / "app.ico"
+    Image.fromarray(np.dstack([smooth_rgb(48, 48, 10), np.full((48, 48), 200, np.uint8)])).save(files["ico"], "ICO", sizes=ICO_SIZES)
     frames = _frames()
     frames[0].save(files["apng"], "PNG", save_all=True, append_images=frames[1:], duration=DURATIONS, loop=2)
     frames[0].save(files["webp_anim"], "WEBP", save_all=True, append_images=frames[1:], duration=DURATIONS, loop=0, lossless=True)
@@ -75,7 +79,7 @@ def write_format_folder(root: Path) -> dict[str, Path]:
 
 IGNORED = {"text": "not an image", "data": "not an image", "hidden": "hidden file"}
 SAME_FORMAT = {"heic": "HEIF", "avif": "AVIF", "jp2": "JPEG2000", "j2k": "JPEG2000", "tga": "TGA", "ppm": "PPM", "pgm": "PPM",
-               "qoi": "QOI", "apng": "PNG", "webp_anim": "WEBP", "webp_lossy_anim": "WEBP", "tiff_pages": "TIFF",
+               "qoi": "QOI", "ico": "ICO", "apng": "PNG", "webp_anim": "WEBP", "webp_lossy_anim": "WEBP", "tiff_pages": "TIFF",
                "fax_tiff": "TIFF", "no_suffix_jpeg": "JPEG"}
 
 
@@ -108,8 +112,10 @@ def _all_frames(path: Path) -> tuple[str, list[np.ndarray], list]:
     """The format, every frame as displayed (int64), and the frame durations, as Pillow reads them."""
     with Image.open(path) as img:
         fmt, frames, durations = img.format, [], []
-        for index in range(getattr(img, "n_frames", 1)):
-            img.seek(index)
+        count = getattr(img, "n_frames", 1) if img.format != "PSD" else 1  # a PSD's "frames" are its layers
+        for index in range(count):
+            if count > 1:
+                img.seek(index)
             mode = "L" if img.mode in ("1", "L") else "RGBA" if "A" in img.mode else "RGB"
             frames.append(np.asarray(img.convert(mode)).astype(np.int64))
             durations.append(img.info.get("duration"))
@@ -161,6 +167,41 @@ def test_animation_timing_and_metadata_are_kept(format_run: FormatRun) -> None:
     with Image.open(format_run.out / format_run.records["fax_tiff"]["output"]) as fax:
         assert fax.mode == "L" and fax.info["compression"] == "tiff_lzw"  # group4 stores 1-bit pixels only
     assert decode_image((format_run.out / format_run.records["j2k"]["output"]).read_bytes()).j2k_codestream
+    with Image.open(format_run.out / format_run.records["ico"]["output"]) as ico:
+        assert sorted(ico.info["sizes"]) == ICO_SIZES
+
+
+def _psd_bytes(rgb: np.ndarray) -> bytes:
+    """A minimal flattened RGB PSD (Pillow reads PSD but cannot write it): header, three empty
+    sections, raw planar image data."""
+    height, width, _ = rgb.shape
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    return header + struct.pack(">IIIH", 0, 0, 0, 0) + rgb.transpose(2, 0, 1).tobytes()
+
+
+def _cur_bytes(rgba: np.ndarray) -> bytes:
+    """A cursor: an ICO with BMP entries whose type field says CUR (Pillow cannot write CUR)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "ICO", sizes=[rgba.shape[1::-1]], bitmap_format="bmp")
+    data = bytearray(buf.getvalue())
+    data[2] = 2
+    return bytes(data)
+
+
+def test_read_only_psd_and_cur_are_written_as_png(tmp_path: Path, rgb_weights: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = smooth_rgb(20, 24, 11)
+    (src / "layered.psd").write_bytes(_psd_bytes(rgb))
+    (src / "pointer.cur").write_bytes(_cur_bytes(np.dstack([smooth_rgb(16, 16, 12), np.full((16, 16), 255, np.uint8)])))
+    res = _run(str(src), "--out", str(tmp_path / "out"), "--weights", str(rgb_weights), "--workers", "0")
+    assert res.exit_code == 0, res.stderr
+    for name, source in (("layered.png", src / "layered.psd"), ("pointer.png", src / "pointer.cur")):
+        written = tmp_path / "out" / name
+        _, (before,), _ = _all_frames(source)
+        fmt, (after,), _ = _all_frames(written)
+        assert fmt == "PNG" and before.shape == after.shape
+        assert 0 < fidelity(before, after, 255)[0] <= EPSILON
 
 
 def test_animated_gif_fails_with_a_way_out_and_converts_with_format(tmp_path: Path, rgb_weights: Path) -> None:
