@@ -148,7 +148,7 @@ def test_bad_bytes_raise_clear_errors(data: bytes, message: str) -> None:
         decode_image(data)
 
 
-def test_truncated_cmyk_and_animated_refused() -> None:
+def test_truncated_cmyk_and_animated_gif_refused() -> None:
     png = _encode(Image.fromarray(smooth_rgb(40, 40)), "PNG")
     with pytest.raises(ImageError, match="truncated or corrupt"):
         decode_image(png[: len(png) // 2])
@@ -157,8 +157,10 @@ def test_truncated_cmyk_and_animated_refused() -> None:
     frames = [Image.fromarray(smooth_rgb(8, 8, s)).quantize(4) for s in range(3)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    with pytest.raises(ImageError, match="animated"):
-        decode_image(buf.getvalue())
+    gif = decode_image(buf.getvalue())
+    assert gif.frame_count == 3
+    with pytest.raises(ImageError, match="--format webp or --format png"):
+        encode_image(gif, gif.frames_pixels)
 
 
 def test_fidelity_is_exact_at_the_extremes_of_range_and_width() -> None:

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from webdataset.tariterators import tarfile_samples
 
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.formats import is_image_name
+from cgan_cli.core.formats import heif_opener, is_image_name
 from cgan_cli.core.urls import expand_shard_spec, looks_like_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -119,6 +119,7 @@ def load_image_folder(root: Path, size: int, channels: int = 3) -> LabeledImages
     if not classes:
         raise DatasetError(f"{root}: no class subfolders (expected {root}/<class>/<image files>)")
     mode = "L" if channels == 1 else "RGB"
+    heif_opener()  # .heic files count as images (is_image_name)
     arrays, labels, paths = [], [], []
     for label, cls in enumerate(classes):
         for path in sorted((root / cls).rglob("*")):
@@ -142,6 +143,7 @@ def load_shards(spec: str, size: int, channels: int = 3) -> LabeledImages:
     without an image or a `cls` member are skipped (webdataset pipelines drop them too).
     """
     mode = "L" if channels == 1 else "RGB"
+    heif_opener()  # .heic members count as images (is_image_name)
     arrays, labels, paths = [], [], []
     for url in expand_shard_spec(spec):
         for fields in tarfile_samples([{"url": url}]):

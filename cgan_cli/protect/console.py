@@ -1,9 +1,10 @@
 """What `cgan protect` shows and returns: progress, per-file failures, the closing line, the exit code.
 
 A progress bar (images/s, ETA) on stderr when stderr is a terminal (also when stdout is piped, as in
-`--json | jq`); with --json one JSON line (on stderr when stdout carries a tar stream); failed files
-and the closing line (counts, where the files went) always on stderr. Exit codes: 0 every input
-protected, skipped or ignored, 1 any failure, 2 usage error, 130 interrupted (Ctrl-C).
+`--json | jq`); with --json one JSON line (on stderr when stdout carries a tar stream); failed files,
+the closing line (counts, where the files went) and a count of ignored files (not images, hidden,
+inside --out) with a pointer to the manifest always on stderr. Exit codes: 0 every input protected,
+skipped or ignored, 1 any failure, 2 usage error, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from rich.text import Text
 
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.distributed import init_distributed, shutdown
-from cgan_cli.protect.manifest import ManifestRecord, RunSummary, ShardRunSummary
+from cgan_cli.protect.manifest import (
+    MANIFEST_NAME,
+    ManifestRecord,
+    RunSummary,
+    ShardRunSummary,
+)
 from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line
 from cgan_cli.protect.run import ProtectConfig, dry_run, run_protect
 from cgan_cli.protect.sources import ShardState, count_samples
@@ -69,6 +75,14 @@ def _closing_line(cfg: ProtectConfig, summary: RunSummary) -> str:
     if rate.startswith("all "):
         return f"{rate}{ignored} -> {cfg.out}"
     return f"protected {c['protected']}, skipped {c['skipped']}, failed {c['failed']}{ignored} -> {cfg.out} ({rate})"
+
+
+def _ignored_line(cfg: ProtectConfig, summary: RunSummary) -> str | None:
+    """Files found in input folders that were not inputs: never silent, always on stderr."""
+    ignored = summary.counts.get("ignored", 0)
+    if not ignored:
+        return None
+    return f"ignored {ignored} file{'s' if ignored != 1 else ''} that are no inputs (not images, hidden, or inside --out): see {cfg.out / MANIFEST_NAME}"
 
 
 def _run(cfg: ProtectConfig, err: Console, tty: bool) -> tuple[RunSummary, bool]:
@@ -115,7 +129,8 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
                 print(json.dumps(payload, separators=(",", ":")))
             elif not cfg.shard_mode and sys.stdout.isatty():
                 c = payload["counts"]
-                print(f"would protect {c['protected']}, skipped {c['skipped']}, failed {c['failed']} -> {cfg.out}")
+                print(f"would protect {c['protected']}, skipped {c['skipped']}, failed {c['failed']}, "
+                      f"ignored {c.get('ignored', 0)} -> {cfg.out}")
             return 0
         summary, reports = _run(cfg, err, tty=sys.stderr.isatty() and not cfg.shard_mode)
     except UsageError as exc:
@@ -140,4 +155,6 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
     if isinstance(summary, ShardRunSummary) and summary.stale_removed:
         err.print(f"removed {len(summary.stale_removed)} shard(s) an earlier run had written past the new last one: "
                   + ", ".join(sorted(summary.stale_removed)), markup=False)
+    if not isinstance(summary, ShardRunSummary) and (line := _ignored_line(cfg, summary)) is not None:
+        err.print(line, markup=False)
     return summary.exit_code

@@ -35,7 +35,7 @@ class ManifestRecord:
 
     source: str
     output: str | None
-    status: str  # protected | skipped | failed | ignored
+    status: str  # protected | skipped | failed | ignored (a file in a folder that is no input: hidden, not an image)
     error: str | None = None  # why it failed, or why it was ignored
     width: int | None = None
     height: int | None = None

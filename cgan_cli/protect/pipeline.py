@@ -6,9 +6,9 @@ come back, so no pixels cross a process boundary. On a GPU the workers only deco
 process batches the pixels onto its one device (grouped by working shape), and encode threads
 write the results while the next chunk computes (Pillow releases the GIL).
 
-Stages, each a small generator: `admit` (rename for --format, refuse, spot collisions, look up
-resume) -> `in_order` (group, submit, bound what is in flight, hand results back in input order)
--> `finish` (encode, measure, write). Memory is flat in the number of inputs: samples are pulled
+Stages, each a small generator: `admit` (settle ignored files, rename for --format, refuse, spot
+collisions, look up resume) -> `in_order` (group, submit, bound what is in flight, hand results
+back in input order) -> `finish` (encode, measure, write). Memory is flat in the number of inputs: samples are pulled
 lazily and only a bounded window is in flight (two groups per worker, and about HELD_BYTES of
 in-memory tar members; on a GPU at most one chunk of `CHUNK_BATCHES x batch_size` decoded images,
 fewer above CHUNK_PIXELS, waits to be encoded). An `ordered` sink (a tar) gets samples in order.
@@ -63,7 +63,7 @@ HELD_BYTES = 64 << 20  # at most about this many bytes of in-memory inputs (tar 
 
 @dataclass
 class Prepared:
-    """A sample after the decode stage: decoded, or known to be skipped / passed through / failed."""
+    """A sample after the decode stage: decoded, or known to be skipped / passed through / failed / ignored."""
 
     sample: Sample
     sha256_in: str | None = None
@@ -123,9 +123,10 @@ def _base_record(item: Prepared, status: str) -> ManifestRecord:
 
 
 Finished = tuple[ManifestRecord, "bytes | None"]  # a record, and the payload when the caller must write it
+Protected = "np.ndarray | list[np.ndarray]"  # one image's protected pixels: an array, or one per frame
 
 
-def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions, sink: Sink | None, t_engine: float) -> Finished:
+def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, sink: Sink | None, t_engine: float) -> Finished:
     """Encode stage: encode, measure the change, write to `sink` if given (else hand the payload back)."""
     t0 = time.perf_counter()
     if item.ignored is not None:
@@ -143,7 +144,8 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
         else:
             assert item.decoded is not None and protected is not None
             payload = encode_image(item.decoded, protected, options)
-            rec.linf, rec.psnr = fidelity(item.decoded.pixels, protected, item.decoded.max_value)
+            original = item.decoded.pixels if isinstance(protected, np.ndarray) else item.decoded.frames_pixels
+            rec.linf, rec.psnr = fidelity(original, protected, item.decoded.max_value)
             if options.measure_written:
                 rec.written_linf, rec.written_psnr = written_fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
         rec.bytes_out, rec.sha256_out = len(payload), hashlib.sha256(payload).hexdigest()
@@ -158,13 +160,23 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
     return rec, payload
 
 
-def protect_items(engine: ProtectEngine, items: list[Prepared]) -> list[tuple[np.ndarray | None, float]]:
-    """The generator over every decoded item: (protected pixels or None, engine seconds per item)."""
+def protect_items(engine: ProtectEngine, items: list[Prepared]) -> list[tuple[Protected | None, float]]:
+    """The generator over every decoded item: (protected pixels or None, engine seconds per item).
+
+    Every frame of a multi-frame item is one more engine input (the same budget per frame); its
+    result is the list of protected frames.
+    """
     todo = [item for item in items if item.decoded is not None and item.skip is None and item.error is None]
+    inputs = [frame for item in todo for frame in item.decoded.frames_pixels]  # type: ignore[union-attr]
     t0 = time.perf_counter()
-    protected = engine.protect_batch([item.decoded.pixels for item in todo]) if todo else []  # type: ignore[union-attr]
+    protected = engine.protect_batch(inputs) if inputs else []
     share = (time.perf_counter() - t0) / max(1, len(todo))
-    by_item = {id(item): arr for item, arr in zip(todo, protected)}
+    by_item: dict[int, Protected] = {}
+    start = 0
+    for item in todo:
+        count = item.decoded.frame_count  # type: ignore[union-attr]
+        by_item[id(item)] = protected[start] if count == 1 else protected[start : start + count]
+        start += count
     return [(arr, share) if (arr := by_item.get(id(item))) is not None else (None, 0.0) for item in items]
 
 
@@ -222,14 +234,14 @@ class Admitted:
 
 def admit(samples: Iterable[Sample], options: EncodeOptions, resume: ResumeIndex, sink: Sink, guard: Guard | None,
           ignore: Guard | None = None) -> Iterator[Admitted]:
-    """Rename for --format, pass over what `ignore` names, refuse what the guard refuses and what
-    collides, look up resume.
+    """Settle what is no input (the source's `ignored` reason, or what `ignore` names), rename for
+    --format, refuse what the guard refuses and what collides, look up resume.
 
     In-memory passthrough members (a tar's .cls/.json) have nothing to decode: they settle here.
     """
     seen: dict[str, str] = {}
     for sample in samples:
-        reason = ignore(sample) if ignore else None
+        reason = sample.ignored or (ignore(sample) if ignore else None)
         if reason is not None:
             yield Admitted(sample, settled=Prepared(sample, ignored=reason))
             continue
@@ -320,7 +332,7 @@ def _chunks(items: Iterator[Prepared], size: int, max_pixels: int = CHUNK_PIXELS
     pixels = 0
     for item in items:
         chunk.append(item)
-        pixels += item.decoded.pixels.size if item.decoded is not None else 0
+        pixels += item.decoded.pixels.size * item.decoded.frame_count if item.decoded is not None else 0
         if len(chunk) >= size or pixels >= max_pixels:
             yield chunk
             chunk, pixels = [], 0

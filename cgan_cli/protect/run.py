@@ -273,7 +273,7 @@ def run_protect(
 
 
 def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
-    """List what a run would do (protect / skip, tab-separated with source and target) without decoding
+    """List what a run would do (protect / skip / ignore, tab-separated with source and target or reason) without decoding
     or writing anything; returns the --json payload. Shards: one line per input shard (done markers);
     what a shard holds is only known by reading it."""
     cfg = cfg.checked()
@@ -300,6 +300,10 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
     options = cfg.encode_options()
     resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality))
     for sample in iter_samples(list(cfg.inputs), sys.stdin):
+        if sample.ignored is not None:
+            summary.add("ignored")
+            emit(f"ignore\t{sample.id}\t{sample.ignored}")
+            continue
         rel = output_name(sample.rel_out, options)
         done = resume.lookup(rel, lambda r: (cfg.out / r).is_file())
         skip = done is not None and hashlib.sha256(sample.read()).hexdigest() == done.sha256_in

@@ -3,7 +3,8 @@
 A `Sample` is everything the pipeline needs to know about one input *before* reading it: where its
 bytes come from (a file `path` read inside a decode worker, or `data` already in memory, as a
 WebDataset member is), where its output goes (`rel_out`, relative to the sink's root) and whether it
-is an image at all (`passthrough` members are copied byte-identical). Folders, files, stdin path
+is an image at all (`passthrough` members are copied byte-identical; `ignored` files of a folder get
+only a manifest record, with the reason). Folders, files, stdin path
 lists and tar shards all become `Sample`s here; the engine and sinks never look at where one came from.
 
 Shards: image members (by their last suffix, as webdataset's decoders choose) are protected, every
@@ -20,12 +21,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from cgan_cli.core.choices import STDIN
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.formats import is_image_name
+from cgan_cli.core.formats import is_image_file, is_image_name
 from cgan_cli.protect.tars import ShardError, hostile_reason, iter_members, open_shard
 
 
@@ -37,6 +39,8 @@ class Sample:
     rel_out: POSIX path of the output relative to the sink root (a folder, or a tar's key space).
     path / data: exactly one is set; `path` is read in the decode worker, `data` is the bytes.
     passthrough: not an image (e.g. a tar's .json/.cls member): copied byte-identical, never decoded.
+    ignored: why a file found in a folder is not an input (hidden, not an image by its content): it
+      is never read or written, only recorded, so nothing under a folder goes unmentioned.
     """
 
     id: str
@@ -44,6 +48,7 @@ class Sample:
     path: Path | None = None
     data: bytes | None = None
     passthrough: bool = False
+    ignored: str | None = None
 
     def read(self) -> bytes:
         """The input's bytes (called in a decode worker, so file reads overlap with compute)."""
@@ -77,26 +82,45 @@ def check_out_not_inside(inputs: Iterable[str], out: Path) -> None:
             raise UsageError(f"input file {src} lies inside --out {out}; its output could replace it")
 
 
-def _walk_sorted(root: Path) -> Iterator[Path]:
-    """Image files under `root`, recursively, in sorted order, one directory listing at a time."""
+def _walk_sorted(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """Every entry under `root`, recursively, in sorted order, one directory listing at a time:
+    (path, None) for a regular file to consider, (path, reason) for an entry that is no input."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
         return
     for entry in entries:
         if entry.name.startswith("."):
-            continue  # hidden files and our own temp files (".name.*.cgan.tmp")
-        if entry.is_dir(follow_symlinks=False):
+            yield Path(entry.path), "hidden folder (not searched)" if entry.is_dir() else "hidden file"
+        elif entry.is_dir(follow_symlinks=False):
             yield from _walk_sorted(Path(entry.path))
-        elif entry.is_file() and is_image_name(entry.name):
-            yield Path(entry.path)
+        elif entry.is_file():
+            yield Path(entry.path), None
+        else:
+            yield Path(entry.path), "not a regular file (a link to a folder, a device, a pipe)"
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
+def _is_input(path: Path) -> bool:
+    try:
+        return is_image_file(path.name, partial(_read_head, path))
+    except OSError:
+        return True  # unreadable: attempt it, so that its record says why it cannot be read
 
 
 def folder_samples(root: Path) -> Iterator[Sample]:
-    """Every image under a folder; outputs mirror the tree relative to that folder."""
+    """Every file under a folder, images to protect and the rest as `ignored` samples with the
+    reason; outputs mirror the tree relative to that folder. A file whose suffix names no image
+    format is an input only when its first bytes are an image's."""
     root = Path(root)
-    for path in _walk_sorted(root):
-        yield Sample(id=str(path), rel_out=path.relative_to(root).as_posix(), path=path)
+    for path, reason in _walk_sorted(root):
+        if reason is None and not _is_input(path):
+            reason = "not an image (neither its suffix nor its first bytes name an image format)"
+        yield Sample(id=str(path), rel_out=path.relative_to(root).as_posix(), path=path, ignored=reason)
 
 
 def file_sample(path: Path) -> Sample:
