@@ -15,7 +15,7 @@ from cgan_cli.core.weights import read_meta
 from cgan_cli.protect.config import ProtectConfig
 from cgan_cli.protect.manifest import MANIFEST_NAME, SUMMARY_NAME
 from cgan_cli.protect.sources import (
-    has_images,
+    count_until_image,
     looks_like_tar,
     peek_stdin,
     validate_inputs,
@@ -117,7 +117,10 @@ def preflight(cfg: ProtectConfig) -> Preflight:
         return Preflight(cfg, notes)  # shard names are checked by run.plan_shard_names
     cfg = _check_out(cfg)
     validate_inputs(list(cfg.inputs), cfg.out)
-    if STDIN not in cfg.inputs and not has_images(list(cfg.inputs)):
-        where = ", ".join(cfg.inputs)
-        return Preflight(cfg, notes, f"nothing to protect: no images under {where}")
+    if STDIN not in cfg.inputs:
+        any_image, ignored = count_until_image(list(cfg.inputs))
+        if not any_image:
+            where = ", ".join(cfg.inputs)
+            also = f" ({ignored} file{'s' if ignored != 1 else ''} ignored: not images or hidden; nothing written)" if ignored else ""
+            return Preflight(cfg, notes, f"nothing to protect: no images under {where}{also}")
     return Preflight(cfg, notes)

@@ -184,9 +184,15 @@ def looks_like_tar(head: bytes) -> bool:
     return head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] == b"ustar"
 
 
-def has_images(inputs: list[str]) -> bool:
-    """Whether the (non-stdin) inputs name at least one file to protect; stops at the first."""
-    return any(True for _ in iter_samples([s for s in inputs if s != STDIN]))
+def count_until_image(inputs: list[str]) -> tuple[bool, int]:
+    """(whether the non-stdin inputs name a file to protect, how many files were ignored before the
+    first one); stops at the first image, so it is cheap for a run that has work to do."""
+    ignored = 0
+    for sample in iter_samples([s for s in inputs if s != STDIN]):
+        if sample.ignored is None:
+            return True, ignored
+        ignored += 1
+    return False, ignored
 
 
 def iter_samples(inputs: list[str], stdin: TextIO | None = None) -> Iterator[Sample]:
