@@ -133,7 +133,7 @@ def test_every_file_in_the_folder_has_a_record_and_non_images_are_ignored(format
     protected = [key for key in format_run.files if key not in IGNORED]
     assert all(format_run.records[key]["status"] == "protected" for key in protected), format_run.records
     assert format_run.summary["counts"] == {"protected": len(protected), "skipped": 0, "failed": 0, "ignored": len(IGNORED)}
-    assert f"ignored {len(IGNORED)} non-image or hidden files" in format_run.stderr
+    assert f"ignored {len(IGNORED)} files that are no inputs" in format_run.stderr
 
 
 @pytest.mark.parametrize("key", sorted(SAME_FORMAT))
