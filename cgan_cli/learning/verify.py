@@ -152,12 +152,17 @@ def measured_linf(clean: torch.Tensor, protected: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- methods (engine, part 1)
 
 
-def protect_with_engine(engine: ProtectEngine, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The training set through `cgan protect`'s own engine: working-size resize, whole-level noise, exact budget."""
+def protect_with_engine(engine: ProtectEngine, pixels: torch.Tensor, batch_size: int = 256, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """The training set through `cgan protect`'s own engine: working-size resize, whole-level noise, exact budget.
+
+    `codes` (N,): the code each image must carry (its true label, as `cgan protect --labels` does);
+    None = the generator's own guess.
+    """
     out = torch.empty_like(pixels)
     for i in range(0, len(pixels), batch_size):
         images = [np.ascontiguousarray(p.permute(1, 2, 0).numpy()) for p in pixels[i : i + batch_size]]
-        for j, protected in enumerate(engine.protect_batch(images)):
+        chunk_codes = None if codes is None else [int(c) for c in codes[i : i + batch_size]]
+        for j, protected in enumerate(engine.protect_batch(images, chunk_codes)):
             out[i + j] = torch.from_numpy(protected).permute(2, 0, 1)
     return out
 
