@@ -74,6 +74,7 @@ def protect_command(
     weights: Path | None = typer.Option(None, "--weights", "-w", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the epsilon stored with the weights.", rich_help_panel=_PROT),
     full_res: bool = typer.Option(PROTECT.full_res, "--full-res", help="Run the generator at native resolution (tiled) instead of the weights' working resolution.", rich_help_panel=_PROT),
+    labels: str | None = typer.Option(None, "--labels", help="Give each image the code of its true label instead of the generator's guess: folders (class-per-subfolder trees), cls (a WebDataset sample's cls member), or FILE.csv (path,label; label = class name or index). An image without a known label fails.", rich_help_panel=_PROT),
     seed: int = typer.Option(PROTECT.seed, "--seed", help="Seeds torch before protecting (reproducibility for stochastic generators; recorded).", rich_help_panel=_PROT),
     device: str = typer.Option(PROTECT.device, "--device", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
     precision: Precision = typer.Option(PROTECT.precision, "--precision", help="Reduced precision uses autocast on CUDA; CPU runs fp32.", rich_help_panel=_PERF),
@@ -93,7 +94,7 @@ def protect_command(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=Precision(precision).value, batch_size=batch_size,
         workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.value if fmt else None, quality=quality,
         full_res=full_res, dry_run=dry_run, measure_written=measure_written, stdin_tar=shards, shard_size=shard_size,
-        shard_pattern=shard_pattern,
+        shard_pattern=shard_pattern, labels=labels,
     )
     if cfg.workers > 0 and not dry_run:
         start_fork_server()  # the workers' torch import runs beside this process's own, just below

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 from cgan_cli import __version__
@@ -22,13 +23,20 @@ from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.formats import output_name
 from cgan_cli.core.urls import expand_shard_spec
-from cgan_cli.core.weights import file_sha256, read_meta
+from cgan_cli.core.weights import WeightsMeta, file_sha256, read_meta
 from cgan_cli.protect.config import ProtectConfig
 from cgan_cli.protect.distributed import (
     DistContext,
     gather_objects,
     launched_by_torchrun,
     rank_share,
+)
+from cgan_cli.protect.labels import (
+    ClassIndex,
+    cls_labeled,
+    csv_labeler,
+    folder_class_map,
+    folder_labeled_samples,
 )
 from cgan_cli.protect.manifest import (
     MANIFEST_NAME,
@@ -82,8 +90,32 @@ def new_summary(cfg: ProtectConfig, engine: ProtectEngine, cls: type[RunSummary]
     return cls(
         cgan_version=__version__, weights=engine.describe(), epsilon=engine.epsilon, device=str(engine.device),
         precision=engine.precision, working_size=engine.meta.working_size, full_res=cfg.full_res, out=str(cfg.out),
-        seed=cfg.seed, **extra,
+        seed=cfg.seed, labels=cfg.labels, **extra,
     )
+
+
+def class_index(meta: WeightsMeta) -> ClassIndex:
+    """The generator's codes as --labels sees them: its class names, and how many codes it has."""
+    return ClassIndex(tuple(meta.class_names), int(meta.arch_params.get("num_codes", meta.num_classes)))
+
+
+def check_labels(cfg: ProtectConfig, meta: WeightsMeta) -> dict[str, dict[str, int]]:
+    """Usage errors of --labels against the inputs and the generator; the folder -> code maps of
+    --labels folders (empty otherwise)."""
+    kind = cfg.labels_kind
+    if kind == "cls" and not cfg.shard_mode:
+        raise UsageError("--labels cls reads each WebDataset sample's cls member; the inputs are not shards "
+                         "(use --labels folders for class folders, or --labels FILE.csv)")
+    if kind != "folders":
+        return {}
+    if cfg.shard_mode:
+        raise UsageError("--labels folders needs class-per-subfolder input folders; for shards use --labels cls or --labels FILE.csv")
+    not_folders = [s for s in cfg.inputs if not Path(s).is_dir()]
+    if not_folders:
+        raise UsageError(f"--labels folders: {not_folders[0]} is not a folder; give class-per-subfolder folders, "
+                         f"or label files with --labels FILE.csv")
+    classes = class_index(meta)
+    return {src: folder_class_map(Path(src), classes) for src in dict.fromkeys(cfg.inputs)}
 
 
 @dataclass
@@ -115,9 +147,18 @@ def folder_guard(out: Path) -> Guard:
 
 
 def plan_files(cfg: ProtectConfig, engine: ProtectEngine) -> Plan:
-    settings = run_settings(engine, cfg.encode_options())
-    return Plan(iter_samples(list(cfg.inputs), sys.stdin), FolderSink(cfg.out), new_summary(cfg, engine),
-                cfg.out / MANIFEST_NAME, ResumeIndex.load(cfg.out / MANIFEST_NAME, settings), folder_guard(cfg.out))
+    settings = run_settings(engine, cfg.encode_options(), cfg.labels_kind)
+    summary = new_summary(cfg, engine)
+    samples: Iterable[Sample]
+    if cfg.labels_kind == "folders":
+        summary.label_map = check_labels(cfg, engine.meta)
+        samples = chain.from_iterable(folder_labeled_samples(Path(src), m) for src, m in summary.label_map.items())
+    else:
+        samples = iter_samples(list(cfg.inputs), sys.stdin)
+        if cfg.labels_kind == "csv":
+            samples = map(csv_labeler(Path(str(cfg.labels)), class_index(engine.meta)), samples)
+    return Plan(samples, FolderSink(cfg.out), summary, cfg.out / MANIFEST_NAME, ResumeIndex.load(cfg.out / MANIFEST_NAME, settings),
+                folder_guard(cfg.out))
 
 
 # ---------------------------------------------------------------- shards
@@ -187,7 +228,12 @@ def plan_shards(cfg: ProtectConfig, engine: ProtectEngine, ctx: DistContext, on_
     else:
         sink = ShardFilesSink(out, ledger, on_shard, rank=ctx.rank)
     manifest = None if out is None else out / (rank_manifest_name(ctx.rank) if ctx.active else MANIFEST_NAME)
-    return Plan(shard_samples(todo, ledger), sink, summary, manifest, ResumeIndex(), refuse_hostile)
+    samples: Iterable[Sample] = shard_samples(todo, ledger)
+    if cfg.labels_kind == "cls":
+        samples = cls_labeled(samples, class_index(engine.meta))
+    elif cfg.labels_kind == "csv":
+        samples = map(csv_labeler(Path(str(cfg.labels)), class_index(engine.meta)), samples)
+    return Plan(samples, sink, summary, manifest, ResumeIndex(), refuse_hostile)
 
 
 # ---------------------------------------------------------------- the run
@@ -202,6 +248,9 @@ def check_inputs(cfg: ProtectConfig, world_size: int = 1) -> None:
             # Every rank would protect every file; only shards are split across ranks.
             raise UsageError("torchrun splits WebDataset shards across ranks; protect folders and files with one process")
         validate_inputs(list(cfg.inputs), cfg.out)
+    if cfg.labels is not None:
+        assert cfg.weights is not None, "call checked() first"
+        check_labels(cfg, read_meta(cfg.weights))
 
 
 def run_protect(
@@ -243,7 +292,7 @@ def run_protect(
     t0 = time.perf_counter()
     try:
         protect_stream(plan.samples, plan.sink, engine, cfg.encode_options(), record, cfg.workers, plan.resume, plan.guard,
-                       seed=cfg.seed)
+                       seed=cfg.seed, labels=cfg.labels_kind)
     finally:
         if writer is not None:
             writer.close()
@@ -286,10 +335,10 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
     summary = RunSummary(
         cgan_version=__version__, weights={"path": str(cfg.weights), "sha256": sha, "metadata": asdict(meta)}, epsilon=epsilon,
         device=cfg.device, precision=cfg.precision, working_size=meta.working_size, full_res=cfg.full_res, out=str(cfg.out),
-        seed=cfg.seed, dry_run=True,
+        seed=cfg.seed, dry_run=True, labels=cfg.labels,
     )
     options = cfg.encode_options()
-    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality))
+    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality, cfg.labels_kind))
     for sample in iter_samples(list(cfg.inputs), sys.stdin):
         rel = output_name(sample.rel_out, options)
         done = resume.lookup(rel, lambda r: (cfg.out / r).is_file())

@@ -36,6 +36,8 @@ class Sample:
     rel_out: POSIX path of the output relative to the sink root (a folder, or a tar's key space).
     path / data: exactly one is set; `path` is read in the decode worker, `data` is the bytes.
     passthrough: not an image (e.g. a tar's .json/.cls member): copied byte-identical, never decoded.
+    label: the code the image must carry (from --labels); None = the generator guesses it.
+    label_error: --labels was given but this image's label is missing or unknown: it fails, unprotected.
     """
 
     id: str
@@ -43,6 +45,8 @@ class Sample:
     path: Path | None = None
     data: bytes | None = None
     passthrough: bool = False
+    label: int | None = None
+    label_error: str | None = None
 
     def read(self) -> bytes:
         """The input's bytes (called in a decode worker, so file reads overlap with compute)."""
