@@ -156,6 +156,7 @@ def verify_command(
     test: Path | None = typer.Option(None, "--test", help="Clean test set (class-per-subfolder tree). Default for a folder DATA: a stratified hold-out.", rich_help_panel=_VDATA),
     weights: Path | None = typer.Option(None, "--weights", help="Generator weights (.safetensors) to protect DATA with (through the same engine as `cgan protect`).", rich_help_panel=_VPROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the weights' own, or what --protected measurably spent.", rich_help_panel=_VPROT),
+    labels: bool = typer.Option(False, "--labels", help="With --weights: protect each image with its true label's code, as `cgan protect --labels` does, instead of the generator's guess.", rich_help_panel=_VPROT),
     baseline: list[Baseline] = typer.Option([], "--baseline", help="Comparison noise on the same data and epsilon (repeatable).", rich_help_panel=_VPROT),
     arch: list[VictimArch] = typer.Option([VictimArch(VICTIM.arch)], "--arch", help="Victim (repeatable).", rich_help_panel=_VICTIM),
     countermeasure: list[str] = typer.Option(["none"], "--countermeasure", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
@@ -179,7 +180,7 @@ def verify_command(
 
     victim = VictimConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
     request = VerifyRequest(
-        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon,
+        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon, labels=labels,
         baselines=[Baseline(b).value for b in baseline], size=size, channels=channels, holdout=holdout, limit=limit,
         test_limit=test_limit, report=report, em=EMConfig(max_rounds=em_max_rounds),
         cfg=VerifyConfig(victim, [VictimArch(a).value for a in arch], list(countermeasure)),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_records, smooth_rgb, write_generator
 from PIL import Image
 from typer.testing import CliRunner
@@ -16,6 +17,8 @@ from typer.testing import CliRunner
 from cgan_cli.cli import app
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.generators import HardCodeGenerator
+from cgan_cli.learning.data import LabeledImages
+from cgan_cli.learning.verify import generator_method, label_codes, protect_with_engine
 
 CLASSES = ["a", "b", "c", "d"]  # conftest's generators: 4 codes with these class names
 
@@ -210,3 +213,25 @@ def test_shards_label_from_cls_before_or_after_the_image(tmp_path, hard_weights)
         names = tar.getnames()
         assert names == ["k0.cls", "k0.png", "k1.png", "k1.json", "k1.cls", "k3.cls"]  # archive order kept
         assert tar.extractfile("k1.cls").read() == b"b\n"
+
+
+def test_verify_protects_with_true_labels_through_the_engine(tmp_path, hard_weights):
+    """`cgan verify --weights W --labels` gives every training image its label's code, as protect --labels does."""
+    pixels = torch.from_numpy(np.stack([smooth_rgb(32, 32, seed=s) for s in range(8)])).permute(0, 3, 1, 2).contiguous()
+    train = LabeledImages(pixels, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), ["D", "c", "b", "a"])  # another class order
+    engine = ProtectEngine(EngineConfig(hard_weights, device="cpu"))
+    codes = label_codes(engine.meta, train)
+    assert codes.tolist() == [3, 2, 1, 0, 0, 1, 2, 3]  # matched by name, not by position
+    method, _ = generator_method(hard_weights, train, 8.0, "cpu", "fp32", labels=True)
+    assert method.details["codes"] == "label"
+    assert torch.equal(method.pixels, protect_with_engine(engine, pixels, codes=codes))
+    guessed, _ = generator_method(hard_weights, train, 8.0, "cpu", "fp32")
+    _, guesses = engine.protect_batch_coded([p.permute(1, 2, 0).numpy() for p in pixels])
+    for i, guess in enumerate(guesses):
+        assert torch.equal(guessed.pixels[i], method.pixels[i]) == (guess == int(codes[i]))
+
+    other = LabeledImages(pixels, torch.zeros(8, dtype=torch.long), ["x", "y"])
+    with pytest.raises(Exception, match="match neither"):
+        label_codes(engine.meta, other)
+    result = CliRunner().invoke(app, ["verify", "fashion-mnist", "--labels", "--baseline", "random", "--epsilon", "8"])
+    assert result.exit_code == 2 and "give --weights" in result.output

@@ -17,43 +17,16 @@ is protected with a guessed code behind the user's back. Torch-free.
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
+from cgan_cli.core.classes import ClassIndex, normalize_name
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.sources import Sample, folder_samples
 
 LABEL_MODES = ("folders", "cls")  # anything else given to --labels is a CSV file
 CLS_SUFFIXES = ("cls", "class", "label")  # WebDataset's class-label member suffixes
-
-
-def normalize_name(name: str) -> str:
-    """Class names compare case-blind, with spaces, underscores and slashes read as hyphens."""
-    return re.sub(r"[\s_/\\-]+", "-", name.strip().lower())
-
-
-@dataclass(frozen=True)
-class ClassIndex:
-    """The generator's codes and class names: turns a user's label into a code, or says why not."""
-
-    class_names: tuple[str, ...]
-    num_codes: int
-
-    def code(self, label: str) -> int | str:
-        """The code for `label` (a class name or an index), or an error message."""
-        text = label.strip()
-        if re.fullmatch(r"[+-]?\d+", text):
-            index = int(text)
-            if 0 <= index < self.num_codes:
-                return index
-            return f"label {text} is outside this generator's codes 0..{self.num_codes - 1}"
-        by_name = {normalize_name(n): i for i, n in enumerate(self.class_names)}
-        if normalize_name(text) in by_name:
-            return by_name[normalize_name(text)]
-        known = ", ".join(self.class_names) if self.class_names else "none: use indices"
-        return f"label {text!r} is not one of this generator's classes ({known}) nor an index 0..{self.num_codes - 1}"
 
 
 def labeled(sample: Sample, code: int | str | None, why_missing: str) -> Sample:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cgan_cli import __version__
 from cgan_cli.core.choices import STDIN
+from cgan_cli.core.classes import ClassIndex
 from cgan_cli.core.device import cpu_threads_per_worker
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
@@ -32,7 +33,6 @@ from cgan_cli.protect.distributed import (
     rank_share,
 )
 from cgan_cli.protect.labels import (
-    ClassIndex,
     cls_labeled,
     csv_labeler,
     folder_class_map,
@@ -94,11 +94,6 @@ def new_summary(cfg: ProtectConfig, engine: ProtectEngine, cls: type[RunSummary]
     )
 
 
-def class_index(meta: WeightsMeta) -> ClassIndex:
-    """The generator's codes as --labels sees them: its class names, and how many codes it has."""
-    return ClassIndex(tuple(meta.class_names), int(meta.arch_params.get("num_codes", meta.num_classes)))
-
-
 def check_labels(cfg: ProtectConfig, meta: WeightsMeta) -> dict[str, dict[str, int]]:
     """Usage errors of --labels against the inputs and the generator; the folder -> code maps of
     --labels folders (empty otherwise)."""
@@ -114,7 +109,7 @@ def check_labels(cfg: ProtectConfig, meta: WeightsMeta) -> dict[str, dict[str, i
     if not_folders:
         raise UsageError(f"--labels folders: {not_folders[0]} is not a folder; give class-per-subfolder folders, "
                          f"or label files with --labels FILE.csv")
-    classes = class_index(meta)
+    classes = ClassIndex.from_meta(meta)
     return {src: folder_class_map(Path(src), classes) for src in dict.fromkeys(cfg.inputs)}
 
 
@@ -156,7 +151,7 @@ def plan_files(cfg: ProtectConfig, engine: ProtectEngine) -> Plan:
     else:
         samples = iter_samples(list(cfg.inputs), sys.stdin)
         if cfg.labels_kind == "csv":
-            samples = map(csv_labeler(Path(str(cfg.labels)), class_index(engine.meta)), samples)
+            samples = map(csv_labeler(Path(str(cfg.labels)), ClassIndex.from_meta(engine.meta)), samples)
     return Plan(samples, FolderSink(cfg.out), summary, cfg.out / MANIFEST_NAME, ResumeIndex.load(cfg.out / MANIFEST_NAME, settings),
                 folder_guard(cfg.out))
 
@@ -230,9 +225,9 @@ def plan_shards(cfg: ProtectConfig, engine: ProtectEngine, ctx: DistContext, on_
     manifest = None if out is None else out / (rank_manifest_name(ctx.rank) if ctx.active else MANIFEST_NAME)
     samples: Iterable[Sample] = shard_samples(todo, ledger)
     if cfg.labels_kind == "cls":
-        samples = cls_labeled(samples, class_index(engine.meta))
+        samples = cls_labeled(samples, ClassIndex.from_meta(engine.meta))
     elif cfg.labels_kind == "csv":
-        samples = map(csv_labeler(Path(str(cfg.labels)), class_index(engine.meta)), samples)
+        samples = map(csv_labeler(Path(str(cfg.labels)), ClassIndex.from_meta(engine.meta)), samples)
     return Plan(samples, sink, summary, manifest, ResumeIndex(), refuse_hostile)
 
 
