@@ -10,6 +10,9 @@ their true labels, and is tested on clean TRAINING images (a fixed subset). Code
   clusters  k-means (--clusters K, seed 0) of the encoder's pooled features over the 10,000 images;
           every image of a cluster gets the cluster's majority guess (with only num_codes tiles, the
           one cluster -> code map that keeps a pattern tied to one class)
+  seen    control: the same protocol on images the generator WAS trained on (a fixed 10,000 of the
+          training split, true-label codes), victim tested on the clean test split: separates "unseen"
+          from "only 10,000 images"
 
     nice -n 10 .venv/bin/python bench/unseen_bench.py --variants clean guess labels --seeds 0 1 2
     nice -n 10 .venv/bin/python bench/unseen_bench.py --purity     # cluster purity vs guess accuracy, no victims
@@ -33,7 +36,7 @@ from cgan_cli.learning.data import load_fashion_mnist
 from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import train_victim
 
-VARIANTS = ("clean", "guess", "labels", "clusters")
+VARIANTS = ("clean", "guess", "labels", "clusters", "seen")
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
@@ -76,6 +79,14 @@ def purity_table(generator: torch.nn.Module, data) -> None:
             print(f"| {space} | {k} | {purity:.4f} | {agree:.4f} |", flush=True)
 
 
+def emit(row: dict, path: Path | None) -> None:
+    """One result: a JSON line on stdout, appended to `path` too."""
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -100,6 +111,18 @@ def main() -> None:
         return
     for variant in args.variants:
         start = time.perf_counter()
+        if variant == "seen":
+            control = seen.subset(torch.randperm(len(seen), generator=torch.Generator().manual_seed(1))[: len(unseen)])
+            pixels = protect_with_engine(engine, control.pixels, codes=control.labels)
+            for seed in args.seeds:
+                res = train_victim(pixels.float() / 255.0, control.labels, unseen.floats(), unseen.labels, 10,
+                                   VictimConfig(epochs=args.victim_epochs, seed=seed))
+                row = {"variant": variant, "epsilon": args.epsilon, "victim_seed": seed, "victim_epochs": args.victim_epochs,
+                       "train_n": len(control), "test_n": len(unseen), "clean_test_acc": round(res.test_accuracy, 4),
+                       "victim_train_acc": round(res.train_accuracy, 4), "curve": [round(c, 4) for c in res.epoch_accuracy],
+                       "victim_seconds": round(res.seconds, 1), "weights": str(weights)}
+                emit(row, args.json)
+            continue
         codes_used = None
         codes = None
         if variant == "labels":
@@ -127,10 +150,7 @@ def main() -> None:
                    "code_label_agreement": 1.0 if variant == "labels" else code_agreement,
                    "clusters": args.clusters if variant == "clusters" else None,
                    "protect_seconds": round(protect_seconds, 1), "victim_seconds": round(res.seconds, 1), "weights": str(weights)}
-            print(json.dumps(row), flush=True)
-            if args.json:
-                with open(args.json, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+            emit(row, args.json)
 
 
 if __name__ == "__main__":
