@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import read_records, smooth_rgb, write_generator
 from PIL import Image
+from test_shards import write_tar
 from typer.testing import CliRunner
 
 from cgan_cli.cli import app
@@ -178,15 +179,6 @@ def test_csv_labels_names_indices_and_unknown_labels(tmp_path, hard_weights):
     assert result.exit_code == 2 and "line 1 has 3 fields" in result.output
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(smooth_rgb(24, 28, seed=seed)).save(buf, "PNG")
@@ -200,7 +192,7 @@ def test_shards_label_from_cls_before_or_after_the_image(tmp_path, hard_weights)
         ("k2.png", _png(2)),  # no cls: fails
         ("k3.png", _png(3)), ("k3.cls", b"9"),  # unknown index: fails
     ]
-    shard = _tar(tmp_path / "in.tar", members)
+    shard = write_tar(tmp_path / "in.tar", members)
     out = tmp_path / "out"
     result = protect(str(shard), "--out", str(out), "-w", str(hard_weights), "--labels", "cls")
     assert result.exit_code == 1, result.output
