@@ -23,7 +23,7 @@ class ClassIndex:
     num_codes: int
 
     @classmethod
-    def from_meta(cls, meta) -> "ClassIndex":
+    def from_meta(cls, meta) -> ClassIndex:
         """From a weights file's WeightsMeta: its class names and how many codes the generator has."""
         return cls(tuple(meta.class_names), int(meta.arch_params.get("num_codes", meta.num_classes)))
 

@@ -138,7 +138,7 @@ GROUP_MEMBERS = 64  # a sample with more members than this is handed on without 
 def member_key(name: str) -> tuple[str, str]:
     """WebDataset's split of a member name into (key, suffix): the key ends at the first dot of the file name."""
     folder, _, base = name.rpartition("/")
-    stem, dot, suffix = base.partition(".")
+    stem, _, suffix = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), suffix
 
 
