@@ -75,6 +75,7 @@ def protect_command(
     weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
     epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights (a larger one warns).", rich_help_panel=_PROT),
     full_res: bool = typer.Option(PROTECT.full_res, "--full-res", help="Run the generator at native resolution (tiled) instead of the weights' working resolution.", rich_help_panel=_PROT),
+    labels: str | None = typer.Option(None, "--labels", help="Give each image the code of its true label instead of the generator's guess: folders (class-per-subfolder trees), cls (a WebDataset sample's cls member), or FILE.csv (path,label; label = class name or index). An image without a known label fails.", rich_help_panel=_PROT),
     seed: int = typer.Option(PROTECT.seed, "--seed", help="Seeds torch before protecting (reproducibility for stochastic generators; recorded).", rich_help_panel=_PROT),
     device: str = typer.Option(PROTECT.device, "--device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N.", rich_help_panel=_PERF),
     precision: Precision = typer.Option(PROTECT.precision, "--precision", help="Reduced precision uses autocast on CUDA; CPU runs fp32.", rich_help_panel=_PERF),
@@ -104,7 +105,7 @@ def protect_command(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=Precision(precision).value, batch_size=batch_size,
         workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.canonical if fmt else None, quality=quality,
         full_res=full_res, dry_run=dry_run, measure_written=measure_written, stdin_tar=shards, shard_size=shard_size,
-        shard_pattern=shard_pattern,
+        shard_pattern=shard_pattern, labels=labels,
     )
     try:
         checked = preflight(cfg)  # every usage error before torch or any worker starts
@@ -230,6 +231,7 @@ def verify_command(
     test: Path | None = typer.Option(None, "--test", help="Clean test set (class-per-subfolder tree). Default for a folder DATA: a stratified hold-out.", rich_help_panel=_VDATA),
     weights: Path | None = typer.Option(None, "--weights", help="Generator weights (.safetensors) to protect DATA with (through the same engine as `cgan protect`).", rich_help_panel=_VPROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the weights' own, or what --protected measurably spent.", rich_help_panel=_VPROT),
+    labels: bool = typer.Option(False, "--labels", help="With --weights: protect each image with its true label's code, as `cgan protect --labels` does, instead of the generator's guess.", rich_help_panel=_VPROT),
     baseline: list[Baseline] = typer.Option([], "--baseline", help="Comparison noise on the same data and epsilon (repeatable).", rich_help_panel=_VPROT),
     arch: list[VictimArch] = typer.Option([VictimArch(VICTIM.arch)], "--arch", help="Victim (repeatable).", rich_help_panel=_VICTIM),
     countermeasure: list[str] = typer.Option(["none"], "--countermeasure", metavar="SPEC", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
@@ -262,7 +264,7 @@ def verify_command(
 
     victim = VictimConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
     request = VerifyRequest(
-        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon,
+        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon, labels=labels,
         baselines=[Baseline(b).value for b in baseline], size=size, channels=channels, holdout=holdout, limit=limit,
         test_limit=test_limit, report=report, em=EMConfig(max_rounds=em_max_rounds),
         cfg=VerifyConfig(victim, [VictimArch(a).value for a in arch], list(countermeasure)),

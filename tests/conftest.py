@@ -25,10 +25,11 @@ MAKE_TAG = 0x010F
 ORIENTATION_TAG = 0x0112
 
 
-def write_generator(path: Path, channels: int = 3, epsilon: float = EPSILON, working_size: int = WORKING_SIZE, seed: int = 0) -> Path:
-    """A small randomly initialised ConfounderGenerator with complete, valid WeightsMeta."""
+def write_generator(path: Path, channels: int = 3, epsilon: float = EPSILON, working_size: int = WORKING_SIZE, seed: int = 0,
+                    model_class: type[ConfounderGenerator] = ConfounderGenerator) -> Path:
+    """A small randomly initialised generator (ConfounderGenerator unless told) with complete, valid WeightsMeta."""
     torch.manual_seed(seed)
-    model = ConfounderGenerator(channels=channels, num_codes=4, width=8, tile=8)
+    model = model_class(channels=channels, num_codes=4, width=8, tile=8)
     meta = WeightsMeta(
         arch=model.arch, arch_params=model.arch_params(), epsilon=epsilon, working_size=working_size,
         channels=channels, num_classes=4, class_names=["a", "b", "c", "d"], recipe={"test": "random init"},

@@ -12,6 +12,9 @@ Colour: a 3-channel generator sees a grayscale image replicated to RGB and its n
 back to one channel; a 1-channel generator sees the luminance of an RGB image and its noise is
 added equally to R, G and B. Both keep |noise| <= epsilon.
 
+Codes: by default the generator's encoder guesses each image's code (its class); a caller that knows
+the labels passes them as `codes` and the image carries that code's pattern instead.
+
 Both `cgan protect` and `cgan verify` protect through `ProtectEngine.protect_batch`, so what verify
 measures is what protect ships. The engine leaves process-wide torch state (threads, seeds) alone.
 """
@@ -132,37 +135,91 @@ class ProtectEngine:
 
     def generate(self, x: torch.Tensor) -> torch.Tensor:
         """G on a (B, C_img, h, w) float batch -> noise direction (B, C_img, h, w) in [-1, 1]."""
+        return self.generate_coded(x)[0]
+
+    def generate_coded(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`generate`, with `forced` (B,) codes (-1 = let the encoder guess); also returns the (B,) codes used.
+
+        A forced code gives the image exactly that code's tile (one-hot mixing weights, also for the
+        soft-code confounder-v1); a guessed code is the encoder's top code.
+        """
         c_img, c_gen = x.shape[1], self.meta.channels
         if c_img == 1 and c_gen == 3:
             x = x.expand(-1, 3, -1, -1)
         elif c_img == 3 and c_gen == 1:
             x = (x * torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        num_codes = self.generator.num_codes
         with autocast_context(self.device, self.precision):
-            g = self.generator(x)
+            if forced is not None and bool((forced >= 0).all()):
+                weights = F.one_hot(forced.long(), num_codes).float()  # every code given: the encoder is not run
+            else:
+                weights = self.generator.codes(x).float()
+                if forced is not None:
+                    known = forced >= 0
+                    weights[known] = F.one_hot(forced[known].long(), num_codes).float()
+            g = self.generator(x, codes=weights)
         g = g.float().clamp(-1.0, 1.0)
         if c_img == 1 and c_gen == 3:
             g = g.mean(1, keepdim=True)
         elif c_img == 3 and c_gen == 1:
             g = g.expand(-1, 3, -1, -1)
-        return g
+        return g, weights.argmax(dim=1)
+
+    def check_codes(self, codes: list[int | None] | None, count: int) -> torch.Tensor | None:
+        """Per-image codes (None = guess) as a (count,) tensor with -1 for a guess; range-checked."""
+        if codes is None:
+            return None
+        if len(codes) != count:
+            raise ValueError(f"{count} images but {len(codes)} codes")
+        num_codes = self.generator.num_codes
+        bad = [c for c in codes if c is not None and not 0 <= c < num_codes]
+        if bad:
+            raise ValueError(f"code {bad[0]} is outside this generator's codes 0..{num_codes - 1}")
+        return torch.tensor([-1 if c is None else int(c) for c in codes], dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def protect_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Protect (H, W, C) uint8/uint16 arrays (C = 1 or 3); any mix of sizes. Order is kept."""
+    def protect_batch(self, images: list[np.ndarray], codes: list[int | None] | None = None) -> list[np.ndarray]:
+        """Protect (H, W, C) uint8/uint16 arrays (C = 1 or 3); any mix of sizes. Order is kept.
+
+        `codes`: one per image, the pattern it must carry (e.g. its true label), None = the encoder's guess.
+        """
+        return self.protect_batch_coded(images, codes)[0]
+
+    @torch.inference_mode()
+    def protect_batch_coded(self, images: list[np.ndarray], codes: list[int | None] | None = None) -> tuple[list[np.ndarray], list[int]]:
+        """`protect_batch`, also returning the code each image got (what the manifest records).
+
+        --full-res: every tile of an image gets the image's forced code; a guessed code is guessed per
+        tile, and the code recorded is the one most of its tiles got.
+        """
+        forced = self.check_codes(codes, len(images))
         if self.cfg.full_res:
-            return [self.add_noise(image, tiled(self.generate, to_float(image, self.device), self.cfg.batch_size))
-                    for image in images]
+            out, used = [], []
+            for i, image in enumerate(images):
+                tile_codes: list[torch.Tensor] = []
+
+                def generate(t: torch.Tensor, i: int = i, tile_codes: list = tile_codes) -> torch.Tensor:
+                    g, c = self.generate_coded(t, None if forced is None else forced[i : i + 1].expand(len(t)))
+                    tile_codes.append(c)
+                    return g
+
+                out.append(self.add_noise(image, tiled(generate, to_float(image, self.device), self.cfg.batch_size)))
+                used.append(int(torch.cat(tile_codes).mode().values))
+            return out, used
         out: list[np.ndarray | None] = [None] * len(images)
+        used_codes: list[int] = [0] * len(images)
         groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             groups[(*self.working_shape(*image.shape[:2]), image.shape[2])].append(i)
         for (wh, ww, _c), idx in groups.items():
             for start in range(0, len(idx), self.cfg.batch_size):
                 chunk = idx[start : start + self.cfg.batch_size]
-                noise = self.generate(torch.cat([to_float(images[i], self.device, (wh, ww)) for i in chunk]))
-                for i, n in zip(chunk, noise):
+                noise, chunk_codes = self.generate_coded(torch.cat([to_float(images[i], self.device, (wh, ww)) for i in chunk]),
+                                                         None if forced is None else forced[chunk])
+                for i, n, c in zip(chunk, noise, chunk_codes.tolist()):
                     out[i] = self.add_noise(images[i], n[None])
-        return out  # type: ignore[return-value]
+                    used_codes[i] = c
+        return out, used_codes  # type: ignore[return-value]
 
     def describe(self) -> dict:
         """What summary.json records about the weights."""

@@ -56,13 +56,26 @@ class ConfounderGenerator(nn.Module):
         """(B, num_codes) mixing weights of the tiles."""
         return self.code_logits(x).softmax(dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise direction for `x`; `codes` (B,) indices or (B, num_codes) mixing weights replace the
+        encoder's guess when the caller knows which pattern each image must carry (its true label)."""
         h, w = x.shape[-2:]
-        codes = self.codes(x)
+        codes = self.codes(x) if codes is None else as_code_weights(codes, self.num_codes).to(x.dtype)
         pattern = torch.einsum("bk,kcij->bcij", codes, self.tiles)
         reps = (-(-h // self.tile), -(-w // self.tile))
         pattern = pattern.repeat(1, 1, *reps)[..., :h, :w]
         return torch.tanh(pattern + self.local_head(x))
+
+
+def as_code_weights(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(B,) code indices -> (B, num_codes) one-hot mixing weights; (B, num_codes) weights pass through."""
+    if codes.dim() == 1:
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+            raise ValueError(f"code out of range 0..{num_codes - 1}")
+        return F.one_hot(codes.long(), num_codes).float()
+    if codes.dim() != 2 or codes.shape[1] != num_codes:
+        raise ValueError(f"codes must be (B,) indices or (B, {num_codes}) weights, got shape {tuple(codes.shape)}")
+    return codes
 
 
 class HardCodeGenerator(ConfounderGenerator):

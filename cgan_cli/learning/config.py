@@ -80,6 +80,7 @@ class VerifyRequest:
     test: Path | None = None
     weights: Path | None = None
     epsilon: float | None = None
+    labels: bool = False  # --weights protects with each image's true label as its code (as `protect --labels`)
     baselines: list[str] = field(default_factory=list)
     size: int | None = None
     channels: int | None = None

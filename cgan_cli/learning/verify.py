@@ -31,11 +31,12 @@ from rich.table import Table
 
 from cgan_cli import __version__
 from cgan_cli.core.atomic import atomic_open, write_atomic
+from cgan_cli.core.classes import ClassIndex
 from cgan_cli.core.device import resolve_device, resolve_precision
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.formats import ImageError, decode_image, written_fidelity
-from cgan_cli.core.weights import file_sha256, read_meta
+from cgan_cli.core.weights import WeightsMeta, file_sha256, read_meta
 from cgan_cli.learning.baselines import BASELINES, build_baseline
 from cgan_cli.learning.config import EMConfig, VerifyConfig, VerifyRequest, VictimConfig
 from cgan_cli.learning.countermeasures import Countermeasure, parse_countermeasure
@@ -185,12 +186,17 @@ def method_linf(method: Method, clean: LabeledImages) -> float:
 # ----------------------------------------------------------------------------- methods (engine, part 1)
 
 
-def protect_with_engine(engine: ProtectEngine, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The training set through `cgan protect`'s own engine: working-size resize, whole-level noise, exact budget."""
+def protect_with_engine(engine: ProtectEngine, pixels: torch.Tensor, batch_size: int = 256, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """The training set through `cgan protect`'s own engine: working-size resize, whole-level noise, exact budget.
+
+    `codes` (N,): the code each image must carry (its true label, as `cgan protect --labels` does);
+    None = the generator's own guess.
+    """
     out = torch.empty_like(pixels)
     for i in range(0, len(pixels), batch_size):
         images = [np.ascontiguousarray(p.permute(1, 2, 0).numpy()) for p in pixels[i : i + batch_size]]
-        for j, protected in enumerate(engine.protect_batch(images)):
+        chunk_codes = None if codes is None else [int(c) for c in codes[i : i + batch_size]]
+        for j, protected in enumerate(engine.protect_batch(images, chunk_codes)):
             out[i + j] = torch.from_numpy(protected).permute(2, 0, 1)
     return out
 
@@ -201,14 +207,28 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def generator_method(weights: Path, train: LabeledImages, epsilon: float, device: str, precision: str) -> tuple[Method, dict[str, Any]]:
-    """Protect the training set with a weights file; returns the method and the weights record for the report."""
+def label_codes(meta: WeightsMeta, train: LabeledImages) -> torch.Tensor:
+    """The generator code of every training image's true label (what `cgan protect --labels` uses)."""
+    mapping = ClassIndex.from_meta(meta).map_classes(train.class_names)
+    if mapping is None:
+        raise VerifyError(f"--labels: the data's classes ({', '.join(train.class_names)}) match neither the generator's class "
+                          f"names ({', '.join(meta.class_names)}) nor its number of codes")
+    return torch.tensor(mapping, dtype=torch.long)[train.labels]
+
+
+def generator_method(weights: Path, train: LabeledImages, epsilon: float, device: str, precision: str,
+                     labels: bool = False) -> tuple[Method, dict[str, Any]]:
+    """Protect the training set with a weights file; returns the method and the weights record for the report.
+
+    labels: every image carries its true label's code instead of the generator's guess.
+    """
     engine = ProtectEngine(EngineConfig(weights, device, precision, epsilon, batch_size=256))
     meta = engine.meta
-    pixels, seconds = timed(protect_with_engine, engine, train.pixels)
+    codes = label_codes(meta, train) if labels else None
+    pixels, seconds = timed(protect_with_engine, engine, train.pixels, codes=codes)
     record = {"path": str(weights), "sha256": file_sha256(weights), "arch": meta.arch, "trained_epsilon": meta.epsilon,
               "working_size": meta.working_size, "channels": meta.channels, "dataset": meta.dataset}
-    return Method("generator", pixels, seconds, {"epsilon": epsilon}), record
+    return Method("generator", pixels, seconds, {"epsilon": epsilon, "codes": "label" if labels else "guess"}), record
 
 
 def baseline_method(name: str, train: LabeledImages, epsilon: float, seed: int, em: EMConfig, device: str) -> Method:
@@ -508,6 +528,8 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
     size = req.size or (meta.working_size if meta else 32)
     channels = req.channels or (meta.channels if meta else 3)
     methods: list[Method] = []
+    if req.labels and req.weights is None:
+        raise VerifyError("--labels chooses the codes --weights protects with; give --weights FILE too")
     if req.protected is not None or req.clean is not None:
         if req.protected is None or req.clean is None or req.test is None or req.data is not None:
             raise VerifyError("folder mode needs all of --protected DIR --clean DIR --test DIR, and no DATA argument")
@@ -540,7 +562,7 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
         epsilon = float(math.floor(methods[0].linf) if methods[0].linf is not None else measured_linf(clean.pixels, methods[0].pixels))
     weights_record = None
     if req.weights is not None:
-        method, weights_record = generator_method(req.weights, clean, epsilon, device, req.cfg.victim.precision)
+        method, weights_record = generator_method(req.weights, clean, epsilon, device, req.cfg.victim.precision, req.labels)
         methods.append(method)
     if req.baselines and epsilon is None:
         raise VerifyError("--baseline needs --epsilon (in /255 units)")

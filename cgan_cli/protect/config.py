@@ -33,6 +33,14 @@ class ProtectConfig:
     stdin_tar: bool = False  # `-` is a tar stream on stdin (without it, `-` is a list of paths)
     shard_size: int | None = None  # re-shard: at most this many samples (keys) per output shard
     shard_pattern: str = "shard-%06d.tar"
+    labels: str | None = None  # folders | cls | a CSV file of path,label; None = the generator guesses each code
+
+    @property
+    def labels_kind(self) -> str | None:
+        """folders | cls | csv | None: what the resume fingerprint records about where codes came from."""
+        if self.labels is None:
+            return None
+        return self.labels if self.labels in ("folders", "cls") else "csv"
 
     @property
     def to_stdout(self) -> bool:
@@ -61,6 +69,8 @@ class ProtectConfig:
             raise UsageError(f"--format {self.format}: expected one of {', '.join(FORCED_FORMATS)}")
         check_epsilon(self.epsilon)
         check_device_name(self.device)
+        if self.labels_kind == "csv" and not Path(str(self.labels)).is_file():
+            raise UsageError(f"--labels {self.labels}: expected folders, cls, or a CSV file of path,label rows (file not found)")
         weights = self.weights or default_weights()
         if weights is None:
             raise UsageError(

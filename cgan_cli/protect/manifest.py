@@ -51,6 +51,8 @@ class ManifestRecord:
     written_psnr: float | None = None
     seconds: float | None = None
     settings: str | None = None  # settings_key() of the run: resume only reuses outputs made the same way
+    code: int | None = None  # the generator code (pattern) the image got
+    code_source: str | None = None  # "label" (from --labels) | "guess" (the generator's encoder)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False, allow_nan=False)
@@ -63,10 +65,11 @@ class ManifestRecord:
                 setattr(self, name, round(value, digits))
 
 
-def settings_key(weights_sha256: str, epsilon: float, full_res: bool, fmt: str | None, quality: int | None) -> str:
+def settings_key(weights_sha256: str, epsilon: float, full_res: bool, fmt: str | None, quality: int | None,
+                 labels: str | None = None) -> str:
     """A short fingerprint of everything that changes an output's bytes, so resume never reuses an
-    output made with other weights, epsilon, mode or format."""
-    text = json.dumps([weights_sha256, float(epsilon), bool(full_res), fmt, quality])
+    output made with other weights, epsilon, mode, format or code source (guessed vs labeled)."""
+    text = json.dumps([weights_sha256, float(epsilon), bool(full_res), fmt, quality] + ([labels] if labels else []))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -89,6 +92,8 @@ class RunSummary:
     images_per_second: float = 0.0  # protected images per wall-clock second of the run (the progress bar ends on it)
     dry_run: bool = False
     interrupted: bool = False  # stopped by Ctrl-C (SIGINT); a rerun of the same command resumes
+    labels: str | None = None  # --labels: folders | cls | the CSV path; None = codes guessed by the generator
+    label_map: dict[str, dict[str, int]] = field(default_factory=dict)  # --labels folders: input folder -> {class folder: code}
 
     def add(self, status: str) -> None:
         self.counts[status] += 1
@@ -133,6 +138,8 @@ class DoneEntry:
     sha256_in: str
     sha256_out: str | None
     bytes_out: int | None
+    code: int | None = None
+    code_source: str | None = None
 
 
 class ResumeIndex:
@@ -156,7 +163,7 @@ class ResumeIndex:
                     continue
                 same = settings is None or rec.get("settings") == settings
                 if rec.get("status") in ("protected", "skipped") and rec.get("sha256_in") and same:
-                    done[output] = DoneEntry(rec["sha256_in"], rec.get("sha256_out"), rec.get("bytes_out"))
+                    done[output] = DoneEntry(rec["sha256_in"], rec.get("sha256_out"), rec.get("bytes_out"), rec.get("code"), rec.get("code_source"))
                 elif output is not None:
                     done.pop(output, None)  # a later failure supersedes an earlier success
         return cls(done)

@@ -86,7 +86,7 @@ def prepare(sample: Sample, done: DoneEntry | None, options: EncodeOptions) -> P
         result.error = f"cannot read: {exc.strerror or exc}"
         return result
     result.sha256_in, result.bytes_in = hashlib.sha256(data).hexdigest(), len(data)
-    if done is not None and done.sha256_in == result.sha256_in:
+    if done is not None and done.sha256_in == result.sha256_in and (sample.label is None or sample.label == done.code):
         result.skip = done
     elif sample.passthrough:
         result.passthrough = data
@@ -126,7 +126,8 @@ Finished = tuple[ManifestRecord, "bytes | None"]  # a record, and the payload wh
 Protected = "np.ndarray | list[np.ndarray]"  # one image's protected pixels: an array, or one per frame
 
 
-def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, sink: Sink | None, t_engine: float) -> Finished:
+def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, sink: Sink | None, t_engine: float,
+           code: int | None = None) -> Finished:
     """Encode stage: encode, measure the change, write to `sink` if given (else hand the payload back)."""
     t0 = time.perf_counter()
     if item.ignored is not None:
@@ -135,6 +136,7 @@ def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, 
         rec = _base_record(item, "failed" if item.error is not None else "skipped")
         if item.skip is not None:
             rec.sha256_out, rec.bytes_out = item.skip.sha256_out, item.skip.bytes_out
+            rec.code, rec.code_source = item.skip.code, item.skip.code_source
         rec.seconds = round(item.seconds, 4)
         return rec, None
     rec = _base_record(item, "skipped" if item.passthrough is not None else "protected")
@@ -144,6 +146,7 @@ def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, 
         else:
             assert item.decoded is not None and protected is not None
             payload = encode_image(item.decoded, protected, options)
+            rec.code, rec.code_source = code, "guess" if item.sample.label is None else "label"
             original = item.decoded.pixels if isinstance(protected, np.ndarray) else item.decoded.frames_pixels
             rec.linf, rec.psnr = fidelity(original, protected, item.decoded.max_value)
             if options.measure_written:
@@ -160,24 +163,27 @@ def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, 
     return rec, payload
 
 
-def protect_items(engine: ProtectEngine, items: list[Prepared]) -> list[tuple[Protected | None, float]]:
-    """The generator over every decoded item: (protected pixels or None, engine seconds per item).
+def protect_items(engine: ProtectEngine, items: list[Prepared]) -> list[tuple[Protected | None, float, int | None]]:
+    """The generator over every decoded item: (protected pixels or None, engine seconds per item, code used).
 
-    Every frame of a multi-frame item is one more engine input (the same budget per frame); its
-    result is the list of protected frames.
+    Every frame of a multi-frame item is one more engine input (the same budget and label per frame);
+    its result is the list of protected frames, and its code the one its first frame got.
     """
     todo = [item for item in items if item.decoded is not None and item.skip is None and item.error is None]
     inputs = [frame for item in todo for frame in item.decoded.frames_pixels]  # type: ignore[union-attr]
     t0 = time.perf_counter()
-    protected = engine.protect_batch(inputs) if inputs else []
+    labels = [item.sample.label for item in todo for _ in range(item.decoded.frame_count)]  # type: ignore[union-attr]
+    forced = labels if any(c is not None for c in labels) else None
+    protected, codes = engine.protect_batch_coded(inputs, forced) if inputs else ([], [])
     share = (time.perf_counter() - t0) / max(1, len(todo))
-    by_item: dict[int, Protected] = {}
+    by_item: dict[int, tuple[Protected, float, int]] = {}
     start = 0
     for item in todo:
         count = item.decoded.frame_count  # type: ignore[union-attr]
-        by_item[id(item)] = protected[start] if count == 1 else protected[start : start + count]
+        arr = protected[start] if count == 1 else protected[start : start + count]
+        by_item[id(item)] = (arr, share, codes[start])
         start += count
-    return [(arr, share) if (arr := by_item.get(id(item))) is not None else (None, 0.0) for item in items]
+    return [by_item.get(id(item), (None, 0.0, None)) for item in items]
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,7 @@ def protect_group(engine: ProtectEngine | EngineSpec, options: EncodeOptions, si
     if isinstance(engine, EngineSpec):
         engine = _worker_engine(engine)
     items = prepare_group(jobs)
-    return [finish(item, arr, options, sink, seconds) for item, (arr, seconds) in zip(items, protect_items(engine, items))]
+    return [finish(item, arr, options, sink, seconds, code) for item, (arr, seconds, code) in zip(items, protect_items(engine, items))]
 
 
 # ---------------------------------------------------------------- scheduling
@@ -247,7 +253,8 @@ def admit(samples: Iterable[Sample], options: EncodeOptions, resume: ResumeIndex
             continue
         if not sample.passthrough:  # --format renames images only; a tar's .cls/.json keep their names
             sample = replace(sample, rel_out=output_name(sample.rel_out, options))
-        refusal = guard(sample) if guard else None
+        refusal = sample.label_error if not sample.passthrough else None  # --labels: never a guessed code instead
+        refusal = refusal or (guard(sample) if guard else None)
         if refusal is None and sample.rel_out in seen:
             refusal = f"output {sample.rel_out} collides with the output of {seen[sample.rel_out]}"
         if refusal is not None:
@@ -370,8 +377,8 @@ def _finished_on_device(admitted: Iterable[Admitted], engine: ProtectEngine, spe
         group_files = max(1, window // (2 * threads))  # two groups per worker in flight
         decoded = (item for _, item in in_order(admitted, pool, window, group_files, lambda item: item))
         for chunk in _chunks(decoded, batch * CHUNK_BATCHES):
-            for item, (arr, seconds) in zip(chunk, protect_items(engine, chunk)):
-                pending.append((item.sample, encoders.submit(finish, item, arr, options, out_sink, seconds)))
+            for item, (arr, seconds, code) in zip(chunk, protect_items(engine, chunk)):
+                pending.append((item.sample, encoders.submit(finish, item, arr, options, out_sink, seconds, code)))
                 while pending and (len(pending) > len(chunk) or pending[0][1].done()):
                     sample, fut = pending.popleft()
                     yield sample, fut.result()
@@ -395,15 +402,17 @@ def protect_stream(
     engine_in_workers: bool | None = None,
     seed: int = 0,
     ignore: Guard | None = None,
+    labels: str | None = None,
 ) -> None:
     """Run every sample through decode -> engine -> encode -> sink; `on_record` gets records in input order.
 
     Where the generator runs: in every worker process on the CPU (`engine_in_workers`, default: the
     engine's device is the CPU), in the main process on a GPU. An unordered sink (a folder) is
     written where the payload is made; an ordered one (a tar shard) here, in input order.
+    `labels` names the run's label source (--labels), which is part of the resume fingerprint.
     """
     resume = resume or ResumeIndex()
-    settings = run_settings(engine, options)
+    settings = run_settings(engine, options, labels)
     out_sink = None if sink.ordered else sink
     in_workers = engine.device.type == "cpu" if engine_in_workers is None else engine_in_workers
     spec = EngineSpec(engine.cfg, cpu_threads_per_worker(workers), seed)
@@ -423,6 +432,6 @@ def protect_stream(
     sink.close()
 
 
-def run_settings(engine: ProtectEngine, options: EncodeOptions) -> str:
+def run_settings(engine: ProtectEngine, options: EncodeOptions, labels: str | None = None) -> str:
     """The manifest `settings` fingerprint of a run (see manifest.settings_key)."""
-    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality)
+    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality, labels)

@@ -13,22 +13,30 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 from cgan_cli import __version__
 from cgan_cli.core.choices import STDIN
+from cgan_cli.core.classes import ClassIndex
 from cgan_cli.core.device import cpu_threads_per_worker
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.formats import output_name
 from cgan_cli.core.urls import expand_shard_spec
-from cgan_cli.core.weights import file_sha256, read_meta
+from cgan_cli.core.weights import WeightsMeta, file_sha256, read_meta
 from cgan_cli.protect.config import ProtectConfig
 from cgan_cli.protect.distributed import (
     DistContext,
     gather_objects,
     launched_by_torchrun,
     rank_share,
+)
+from cgan_cli.protect.labels import (
+    cls_labeled,
+    csv_labeler,
+    folder_class_map,
+    folder_labeled_samples,
 )
 from cgan_cli.protect.manifest import (
     MANIFEST_NAME,
@@ -83,8 +91,27 @@ def new_summary(cfg: ProtectConfig, engine: ProtectEngine, cls: type[RunSummary]
     return cls(
         cgan_version=__version__, weights=engine.describe(), epsilon=engine.epsilon, device=str(engine.device),
         precision=engine.precision, working_size=engine.meta.working_size, full_res=cfg.full_res, out=str(cfg.out),
-        seed=cfg.seed, **extra,
+        seed=cfg.seed, labels=cfg.labels, **extra,
     )
+
+
+def check_labels(cfg: ProtectConfig, meta: WeightsMeta) -> dict[str, dict[str, int]]:
+    """Usage errors of --labels against the inputs and the generator; the folder -> code maps of
+    --labels folders (empty otherwise)."""
+    kind = cfg.labels_kind
+    if kind == "cls" and not cfg.shard_mode:
+        raise UsageError("--labels cls reads each WebDataset sample's cls member; the inputs are not shards "
+                         "(use --labels folders for class folders, or --labels FILE.csv)")
+    if kind != "folders":
+        return {}
+    if cfg.shard_mode:
+        raise UsageError("--labels folders needs class-per-subfolder input folders; for shards use --labels cls or --labels FILE.csv")
+    not_folders = [s for s in cfg.inputs if not Path(s).is_dir()]
+    if not_folders:
+        raise UsageError(f"--labels folders: {not_folders[0]} is not a folder; give class-per-subfolder folders, "
+                         f"or label files with --labels FILE.csv")
+    classes = ClassIndex.from_meta(meta)
+    return {src: folder_class_map(Path(src), classes) for src in dict.fromkeys(cfg.inputs)}
 
 
 @dataclass
@@ -118,11 +145,19 @@ def inside_out(out: Path) -> Guard:
 
 
 def plan_files(cfg: ProtectConfig, engine: ProtectEngine) -> Plan:
-    samples = iter_samples(list(cfg.inputs), sys.stdin)
+    summary = new_summary(cfg, engine)
+    samples: Iterable[Sample]
+    if cfg.labels_kind == "folders":
+        summary.label_map = check_labels(cfg, engine.meta)
+        samples = chain.from_iterable(folder_labeled_samples(Path(src), m) for src, m in summary.label_map.items())
+    else:
+        samples = iter_samples(list(cfg.inputs), sys.stdin)
+        if cfg.labels_kind == "csv":
+            samples = map(csv_labeler(Path(str(cfg.labels)), ClassIndex.from_meta(engine.meta)), samples)
     if cfg.single_file:  # one image in, the file --out names out: no folder, so no manifest or summary.json
-        return Plan(samples, FileSink(cfg.out), new_summary(cfg, engine), None, ResumeIndex(), None)
-    settings = run_settings(engine, cfg.encode_options())
-    return Plan(samples, FolderSink(cfg.out), new_summary(cfg, engine), cfg.out / MANIFEST_NAME,
+        return Plan(samples, FileSink(cfg.out), summary, None, ResumeIndex(), None)
+    settings = run_settings(engine, cfg.encode_options(), cfg.labels_kind)
+    return Plan(samples, FolderSink(cfg.out), summary, cfg.out / MANIFEST_NAME,
                 ResumeIndex.load(cfg.out / MANIFEST_NAME, settings), None, inside_out(cfg.out))
 
 
@@ -193,7 +228,12 @@ def plan_shards(cfg: ProtectConfig, engine: ProtectEngine, ctx: DistContext, on_
     else:
         sink = ShardFilesSink(out, ledger, on_shard, rank=ctx.rank)
     manifest = None if out is None else out / (rank_manifest_name(ctx.rank) if ctx.active else MANIFEST_NAME)
-    return Plan(shard_samples(todo, ledger), sink, summary, manifest, ResumeIndex(), refuse_hostile)
+    samples: Iterable[Sample] = shard_samples(todo, ledger)
+    if cfg.labels_kind == "cls":
+        samples = cls_labeled(samples, ClassIndex.from_meta(engine.meta))
+    elif cfg.labels_kind == "csv":
+        samples = map(csv_labeler(Path(str(cfg.labels)), ClassIndex.from_meta(engine.meta)), samples)
+    return Plan(samples, sink, summary, manifest, ResumeIndex(), refuse_hostile)
 
 
 # ---------------------------------------------------------------- the run
@@ -208,6 +248,9 @@ def check_inputs(cfg: ProtectConfig, world_size: int = 1) -> None:
             # Every rank would protect every file; only shards are split across ranks.
             raise UsageError("torchrun splits WebDataset shards across ranks; protect folders and files with one process")
         validate_inputs(list(cfg.inputs), cfg.out)
+    if cfg.labels is not None:
+        assert cfg.weights is not None, "call checked() first"
+        check_labels(cfg, read_meta(cfg.weights))
 
 
 def run_protect(
@@ -250,7 +293,7 @@ def run_protect(
 
     try:
         protect_stream(plan.samples, plan.sink, engine, cfg.encode_options(), record, cfg.workers, plan.resume, plan.guard,
-                       seed=cfg.seed, ignore=plan.ignore)
+                       seed=cfg.seed, ignore=plan.ignore, labels=cfg.labels_kind)
     except KeyboardInterrupt:
         plan.summary.interrupted = True
     finally:
@@ -295,10 +338,10 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
     summary = RunSummary(
         cgan_version=__version__, weights={"path": str(cfg.weights), "sha256": sha, "metadata": asdict(meta)}, epsilon=epsilon,
         device=cfg.device, precision=cfg.precision, working_size=meta.working_size, full_res=cfg.full_res, out=str(cfg.out),
-        seed=cfg.seed, dry_run=True,
+        seed=cfg.seed, dry_run=True, labels=cfg.labels,
     )
     options = cfg.encode_options()
-    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality))
+    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality, cfg.labels_kind))
     for sample in iter_samples(list(cfg.inputs), sys.stdin):
         if sample.ignored is not None:
             summary.add("ignored")

@@ -41,6 +41,8 @@ class Sample:
     passthrough: not an image (e.g. a tar's .json/.cls member): copied byte-identical, never decoded.
     ignored: why a file found in a folder is not an input (hidden, not an image by its content): it
       is never read or written, only recorded, so nothing under a folder goes unmentioned.
+    label: the code the image must carry (from --labels); None = the generator guesses it.
+    label_error: --labels was given but this image's label is missing or unknown: it fails, unprotected.
     """
 
     id: str
@@ -49,6 +51,8 @@ class Sample:
     data: bytes | None = None
     passthrough: bool = False
     ignored: str | None = None
+    label: int | None = None
+    label_error: str | None = None
 
     def read(self) -> bytes:
         """The input's bytes (called in a decode worker, so file reads overlap with compute)."""

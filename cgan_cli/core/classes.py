@@ -1,0 +1,50 @@
+"""A generator's codes as users name them: class names or indices -> code (torch-free).
+
+`cgan protect --labels` and `cgan verify --labels` both turn a user's class label into the code of
+the generator's pattern for that class; this is the one place that decides how names match.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+def normalize_name(name: str) -> str:
+    """Class names compare case-blind, with spaces, underscores and slashes read as hyphens."""
+    return re.sub(r"[\s_/\\-]+", "-", name.strip().lower())
+
+
+@dataclass(frozen=True)
+class ClassIndex:
+    """The generator's codes and class names: turns a user's label into a code, or says why not."""
+
+    class_names: tuple[str, ...]
+    num_codes: int
+
+    @classmethod
+    def from_meta(cls, meta) -> ClassIndex:
+        """From a weights file's WeightsMeta: its class names and how many codes the generator has."""
+        return cls(tuple(meta.class_names), int(meta.arch_params.get("num_codes", meta.num_classes)))
+
+    def code(self, label: str) -> int | str:
+        """The code for `label` (a class name or an index), or an error message."""
+        text = label.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            index = int(text)
+            if 0 <= index < self.num_codes:
+                return index
+            return f"label {text} is outside this generator's codes 0..{self.num_codes - 1}"
+        by_name = {normalize_name(n): i for i, n in enumerate(self.class_names)}
+        if normalize_name(text) in by_name:
+            return by_name[normalize_name(text)]
+        known = ", ".join(self.class_names) if self.class_names else "none: use indices"
+        return f"label {text!r} is not one of this generator's classes ({known}) nor an index 0..{self.num_codes - 1}"
+
+    def map_classes(self, names: list[str]) -> list[int] | None:
+        """A dataset's class order -> codes: by name when every name matches, else by position when
+        the counts agree (like torchvision's ImageFolder), else None."""
+        by_name = {normalize_name(n): i for i, n in enumerate(self.class_names)}
+        if self.class_names and all(normalize_name(n) in by_name for n in names):
+            return [by_name[normalize_name(n)] for n in names]
+        return list(range(len(names))) if len(names) == self.num_codes else None
