@@ -23,6 +23,7 @@ from cgan_cli.core.choices import (
     VictimArch,
 )
 from cgan_cli.learning.config import (
+    Distortions,
     EMConfig,
     TrainConfig,
     VerifyConfig,
@@ -42,6 +43,7 @@ app = typer.Typer(
 
 PROTECT = ProtectConfig(inputs=(), out=Path())  # the defaults, read by the options below
 TRAIN = TrainConfig(data="", out=Path())
+DIST = TRAIN.distortions
 VICTIM = VictimConfig()
 VERIFY = VerifyRequest()
 
@@ -103,6 +105,7 @@ def protect_command(
 
 
 _DATA, _OPT, _OBJ, _RUN = "Data / output", "Optimisation", "Objective", "Runtime"
+_DIST = "Distortions (the platform and scraper between the protected image and the victim's losses; probability per step, 0 = off)"
 
 
 @app.command("train")
@@ -120,7 +123,19 @@ def train_cmd(
     w_minmin: float = typer.Option(TRAIN.w_minmin, help="Weight of the surrogate loss on protected images (min-min).", rich_help_panel=_OBJ),
     w_adv: float = typer.Option(TRAIN.w_adv, help="Weight of the discriminator (imperceptibility) loss.", rich_help_panel=_OBJ),
     reset_every: int = typer.Option(TRAIN.reset_every, help="Re-initialise the min-min surrogate every N steps.", rich_help_panel=_OBJ),
-    augment: bool = typer.Option(TRAIN.augment, "--augment/--no-augment", help="Crop + flip inside the loop.", rich_help_panel=_OBJ),
+    augment: bool = typer.Option(DIST.crop_flip > 0, "--augment/--no-augment", help="The victim's crop + flip inside the loop.", rich_help_panel=_DIST),
+    dist_resize: float = typer.Option(DIST.resize, min=0, max=1, help="Resize to another size and grid offset (bilinear/bicubic/area/antialiased), and back.", rich_help_panel=_DIST),
+    dist_resize_min: float = typer.Option(DIST.resize_min, min=0.05, help="Smallest resize factor.", rich_help_panel=_DIST),
+    dist_resize_max: float = typer.Option(DIST.resize_max, min=0.05, help="Largest resize factor.", rich_help_panel=_DIST),
+    dist_jpeg: float = typer.Option(DIST.jpeg, min=0, max=1, help="Real JPEG (Pillow, 4:2:0 for RGB) off the 8x8 grid, straight-through gradient.", rich_help_panel=_DIST),
+    dist_jpeg_min: int = typer.Option(DIST.jpeg_min, min=1, max=100, help="Lowest JPEG quality.", rich_help_panel=_DIST),
+    dist_jpeg_max: int = typer.Option(DIST.jpeg_max, min=1, max=100, help="Highest JPEG quality.", rich_help_panel=_DIST),
+    dist_blur: float = typer.Option(DIST.blur, min=0, max=1, help="Gaussian blur.", rich_help_panel=_DIST),
+    dist_blur_max: float = typer.Option(DIST.blur_max, min=0.3, help="Largest blur sigma (px); the smallest is 0.3.", rich_help_panel=_DIST),
+    dist_grayscale: float = typer.Option(DIST.grayscale, min=0, max=1, help="Grayscale (RGB data only).", rich_help_panel=_DIST),
+    dist_shift: float = typer.Option(DIST.shift, min=0, max=1, help="Fractional (sub-pixel) translation.", rich_help_panel=_DIST),
+    dist_shift_max: float = typer.Option(DIST.shift_max, min=0, help="Largest shift (px).", rich_help_panel=_DIST),
+    mask_floor: float = typer.Option(TRAIN.mask_floor, min=0, max=1, help="Local-activity mask: the noise scale in flat regions, rising to 1 in texture (1 = no mask). Recorded in the weights; `cgan protect` applies the same mask.", rich_help_panel=_OBJ),
     epsilon: float = typer.Option(TRAIN.epsilon, help="L-inf budget in /255 units.", rich_help_panel=_OBJ),
     size: int = typer.Option(TRAIN.size, help="Working resolution for folder datasets (fashion-mnist stays 28).", rich_help_panel=_DATA),
     width: int = typer.Option(TRAIN.width, min=4, help="Generator channels (first layer; the encoder doubles them three times). Protect time per image grows ~ width^2.", rich_help_panel=_DATA),
@@ -138,7 +153,12 @@ def train_cmd(
     cfg = TrainConfig(
         data=data, out=out, arch=GeneratorArch(arch).value, epochs=epochs, code_epochs=code_epochs, batch_size=batch_size,
         lr_g=lr_g, lr_code=lr_code, lr_d=lr_d, w_ny=w_ny, w_minmin=w_minmin, w_adv=w_adv, reset_every=reset_every,
-        augment=augment, epsilon=epsilon, size=size, width=width, device=device, precision=Precision(precision).value, seed=seed,
+        distortions=Distortions(
+            resize=dist_resize, resize_min=dist_resize_min, resize_max=dist_resize_max, jpeg=dist_jpeg,
+            jpeg_min=dist_jpeg_min, jpeg_max=dist_jpeg_max, blur=dist_blur, blur_max=dist_blur_max,
+            grayscale=dist_grayscale, shift=dist_shift, shift_max=dist_shift_max, crop_flip=1.0 if augment else 0.0,
+        ),
+        mask_floor=mask_floor, epsilon=epsilon, size=size, width=width, device=device, precision=Precision(precision).value, seed=seed,
         resume=resume, checkpoint_every=checkpoint_every, sample_every=sample_every, command=shlex.join(["cgan", *sys.argv[1:]]),
     )
     raise typer.Exit(train_cli(cfg, threads))

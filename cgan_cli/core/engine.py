@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from cgan_cli.core.choices import check_epsilon
 from cgan_cli.core.device import autocast_context, resolve_device, resolve_precision
 from cgan_cli.core.formats import LUMA
-from cgan_cli.core.noise import NoiseAdder, as_tensor
+from cgan_cli.core.noise import NO_MASK, NoiseAdder, activity_mask, as_tensor
 from cgan_cli.core.weights import file_sha256, load_generator
 
 TILE = 512  # full-res tile side (a multiple of 8, so periodic patterns stay in phase across tiles)
@@ -45,6 +45,7 @@ class EngineConfig:
     epsilon: float | None = None  # /255 units; None = the epsilon the weights were trained for
     batch_size: int = 16
     full_res: bool = False
+    mask_floor: float | None = None  # local-activity mask floor; None = the weights' recipe (no mask if absent)
 
 
 def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]:
@@ -122,6 +123,8 @@ class ProtectEngine:
         self.generator, self.meta = load_generator(cfg.weights, self.device)
         self.weights_sha256 = file_sha256(cfg.weights)
         self.epsilon = float(cfg.epsilon if cfg.epsilon is not None else self.meta.epsilon)
+        recipe_floor = self.meta.recipe.get("mask_floor", NO_MASK)
+        self.mask_floor = float(cfg.mask_floor if cfg.mask_floor is not None else recipe_floor)
         self.add_noise = NoiseAdder(self.epsilon, self.device)
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -131,8 +134,12 @@ class ProtectEngine:
         return working_shape(height, width, self.meta.working_size)
 
     def generate(self, x: torch.Tensor) -> torch.Tensor:
-        """G on a (B, C_img, h, w) float batch -> noise direction (B, C_img, h, w) in [-1, 1]."""
-        c_img, c_gen = x.shape[1], self.meta.channels
+        """G on a (B, C_img, h, w) float batch -> noise direction (B, C_img, h, w) in [-1, 1].
+
+        The direction is scaled by the local-activity mask of the same input (core/noise.py), as the
+        generator was trained, so flat regions get less of the budget.
+        """
+        image, c_img, c_gen = x, x.shape[1], self.meta.channels
         if c_img == 1 and c_gen == 3:
             x = x.expand(-1, 3, -1, -1)
         elif c_img == 3 and c_gen == 1:
@@ -144,6 +151,8 @@ class ProtectEngine:
             g = g.mean(1, keepdim=True)
         elif c_img == 3 and c_gen == 1:
             g = g.expand(-1, 3, -1, -1)
+        if self.mask_floor < NO_MASK:
+            g = g * activity_mask(image, self.mask_floor)
         return g
 
     @torch.inference_mode()
@@ -166,4 +175,4 @@ class ProtectEngine:
 
     def describe(self) -> dict:
         """What summary.json records about the weights."""
-        return {"path": str(self.cfg.weights), "sha256": self.weights_sha256, "metadata": asdict(self.meta)}
+        return {"path": str(self.cfg.weights), "sha256": self.weights_sha256, "mask_floor": self.mask_floor, "metadata": asdict(self.meta)}
