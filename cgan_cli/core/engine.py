@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from cgan_cli.core.choices import check_epsilon
 from cgan_cli.core.device import autocast_context, resolve_device, resolve_precision
 from cgan_cli.core.formats import LUMA
-from cgan_cli.core.noise import NO_MASK, NoiseAdder, activity_mask, as_tensor
+from cgan_cli.core.noise import (
+    NO_MASK,
+    NoiseAdder,
+    activity_mask,
+    as_tensor,
+    mask_floor_for,
+)
 from cgan_cli.core.weights import file_sha256, load_generator
 
 TILE = 512  # full-res tile side (a multiple of 8, so periodic patterns stay in phase across tiles)
@@ -123,8 +129,7 @@ class ProtectEngine:
         self.generator, self.meta = load_generator(cfg.weights, self.device)
         self.weights_sha256 = file_sha256(cfg.weights)
         self.epsilon = float(cfg.epsilon if cfg.epsilon is not None else self.meta.epsilon)
-        recipe_floor = self.meta.recipe.get("mask_floor", NO_MASK)
-        self.mask_floor = float(cfg.mask_floor if cfg.mask_floor is not None else recipe_floor)
+        self.mask_floor = mask_floor_for(cfg.mask_floor, self.meta.recipe)
         self.add_noise = NoiseAdder(self.epsilon, self.device)
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:

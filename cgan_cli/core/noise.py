@@ -31,6 +31,11 @@ ACTIVITY_FULL = 0.06  # local std (of [0, 1] luma) at and above which a pixel ge
 NO_MASK = 1.0  # mask floor that leaves every pixel at the full budget
 
 
+def mask_floor_for(override: float | None, recipe: dict) -> float:
+    """The mask floor a run uses: the --mask-floor override, else what the weights were trained with."""
+    return float(override if override is not None else recipe.get("mask_floor", NO_MASK))
+
+
 def activity_mask(x: torch.Tensor, floor: float) -> torch.Tensor:
     """(B, C, h, w) image in [0, 1] -> (B, 1, h, w) noise scale in [floor, 1]: less in flat regions.
 

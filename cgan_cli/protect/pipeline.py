@@ -40,6 +40,7 @@ from cgan_cli.core.formats import (
     fidelity,
     output_format,
     output_name,
+    ssim,
     written_fidelity,
 )
 from cgan_cli.protect.manifest import (
@@ -141,6 +142,8 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
             assert item.decoded is not None and protected is not None
             payload = encode_image(item.decoded, protected, options)
             rec.linf, rec.psnr = fidelity(item.decoded.pixels, protected, item.decoded.max_value)
+            if options.measure_ssim:
+                rec.ssim = ssim(item.decoded.pixels, protected, item.decoded.max_value)
             if options.measure_written:
                 rec.written_linf, rec.written_psnr = written_fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
         rec.bytes_out, rec.sha256_out = len(payload), hashlib.sha256(payload).hexdigest()
@@ -149,7 +152,7 @@ def finish(item: Prepared, protected: np.ndarray | None, options: EncodeOptions,
             payload = None
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
         rec.status, rec.error, payload = "failed", f"cannot write output: {exc}", None
-        rec.linf = rec.psnr = rec.written_linf = rec.written_psnr = rec.bytes_out = rec.sha256_out = None
+        rec.linf = rec.psnr = rec.ssim = rec.written_linf = rec.written_psnr = rec.bytes_out = rec.sha256_out = None
     rec.seconds = round(item.seconds + t_engine + time.perf_counter() - t0, 4)
     rec.round_measurements()
     return rec, payload
@@ -403,4 +406,4 @@ def protect_stream(
 
 def run_settings(engine: ProtectEngine, options: EncodeOptions) -> str:
     """The manifest `settings` fingerprint of a run (see manifest.settings_key)."""
-    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality)
+    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality, engine.mask_floor)
