@@ -5,6 +5,9 @@ stages, so the two generators can train in parallel from the same code stage:
 
     # 1. the code stage once (encoder fits the subset); writes WORK/codes.ckpt.safetensors
     python bench/robust_pilot.py codes --work WORK --n 10000 --code-epochs 20
+    #    or, much cheaper: the shipped generator's encoder (trained on all 60k, 100% fit) as the codes,
+    #    with fresh far-apart tiles, local head and helper nets
+    python bench/robust_pilot.py codes --work WORK --codes-from weights/cgan-fashion-mnist.safetensors
     # 2. the confounder stage from those codes, with and without the distortion layer
     python bench/robust_pilot.py confounder --work WORK --variant distorted --epochs 2
     python bench/robust_pilot.py confounder --work WORK --variant plain --epochs 2
@@ -34,9 +37,10 @@ from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.learning.config import Distortions, TrainConfig, VictimConfig
 from cgan_cli.learning.countermeasures import parse_countermeasure
 from cgan_cli.learning.data import load_fashion_mnist
-from cgan_cli.learning.train import train
+from cgan_cli.core.weights import load_generator
+from cgan_cli.learning.train import build_nets, save_checkpoint, train
 from cgan_cli.learning.verify import protect_with_engine
-from cgan_cli.learning.victims import train_victim
+from cgan_cli.learning.victims import accuracy, train_victim
 
 VARIANTS = {"distorted": Distortions(), "plain": dataclasses.replace(Distortions.none(), crop_flip=1.0)}
 CONDITIONS = ("written", "photo56", "photo112", "jpeg:50", "blur:1", "rescale:2")
@@ -73,12 +77,24 @@ def main() -> None:
     ap.add_argument("--victim-epochs", type=int, default=5)
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--codes-from", type=Path, help="codes stage: take the encoder + code head of these weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     data = subset(args.n)
     codes_out = args.work / "codes.safetensors"
 
+    if args.stage == "codes" and args.codes_from:
+        cfg = dataclasses.replace(base_config(args, codes_out), code_epochs=0)
+        nets = build_nets(cfg, data.channels, len(data.class_names), torch.device("cpu"))
+        source, _ = load_generator(args.codes_from)
+        nets.gen.encoder.load_state_dict(source.encoder.state_dict())
+        nets.gen.code_head.load_state_dict(source.code_head.state_dict())
+        save_checkpoint(args.work / "codes.ckpt.safetensors", nets, 0, cfg, torch.Generator().manual_seed(cfg.seed + 1))
+        (args.work / "codes.from").write_text(str(args.codes_from) + "\n")
+        print(json.dumps({"stage": "codes", "from": str(args.codes_from),
+                          "code_train_accuracy": accuracy(nets.gen.code_logits, data.pixels, data.labels)}))
+        return
     if args.stage == "codes":
         result = train(base_config(args, codes_out), data=data)
         print(json.dumps({"stage": "codes", "seconds": result.seconds, **result.metrics}))
@@ -86,6 +102,7 @@ def main() -> None:
     out = args.work / f"{args.variant}.safetensors"
     if args.stage == "confounder":
         cfg = dataclasses.replace(base_config(args, out), epochs=args.epochs, distortions=VARIANTS[args.variant],
+                                  code_epochs=0 if (args.work / "codes.from").exists() else args.code_epochs,
                                   resume=args.work / "codes.ckpt.safetensors", checkpoint_every=0)
         result = train(cfg, data=data)
         print(json.dumps({"stage": "confounder", "variant": args.variant, "seconds": result.seconds, **result.metrics}))

@@ -23,14 +23,14 @@ FASHION = Path(__file__).resolve().parents[1] / "weights" / "cgan-fashion-mnist.
 
 
 def _half_flat_half_texture(side: int = 256, channels: int = 3, block: int = 1) -> np.ndarray:
-    """Left half flat mid-gray, right half random texture of block x block squares.
+    """Left half flat mid-gray, right half random gray texture (48 or 208) of block x block squares.
 
     The engine's mask reads the image at the working size, so texture finer than a working pixel
     does not count as activity there: the engine test uses blocks that survive the resize.
     """
     rng = np.random.default_rng(0)
     img = np.full((side, side, channels), 128, dtype=np.uint8)
-    cells = rng.integers(40, 216, (side // block, (side - side // 2) // block, channels), dtype=np.uint8)
+    cells = rng.integers(0, 2, (side // block, (side - side // 2) // block, 1), dtype=np.uint8) * 160 + 48  # gray
     img[:, side // 2 :] = cells.repeat(block, 0).repeat(block, 1)
     return img
 

@@ -27,7 +27,7 @@ def budget_levels(epsilon: float, max_value: int) -> int:
 
 
 ACTIVITY_WINDOW = 5  # local-activity mask: side of the window its local std is taken over (working-size px)
-ACTIVITY_FULL = 0.06  # local std (of [0, 1] luma) at and above which a pixel gets the full budget
+ACTIVITY_FULL = 0.15  # local std (of [0, 1] luma) at and above which a pixel gets the full budget
 NO_MASK = 1.0  # mask floor that leaves every pixel at the full budget
 
 
