@@ -12,6 +12,10 @@ Colour: a 3-channel generator sees a grayscale image replicated to RGB and its n
 back to one channel; a 1-channel generator sees the luminance of an RGB image and its noise is
 added equally to R, G and B. Both keep |noise| <= epsilon.
 
+Mask: with a mask floor below 1 (the weights' recipe, or --mask-floor), the noise direction is
+scaled by the local activity of the generator's input (core/noise.activity_mask): less in flat
+regions, the full budget in texture; the budget stays exact.
+
 Both `cgan protect` and `cgan verify` protect through `ProtectEngine.protect_batch`, so what verify
 measures is what protect ships. The engine leaves process-wide torch state (threads, seeds) alone.
 """

@@ -5,9 +5,11 @@ The objective (docs/method.md has the measurements that chose it) runs in two st
 1. *codes*: the generator's encoder learns to tell the classes apart (cross-entropy on the labels).
    At protect time the label is never an input, so the noise can only predict the label if the
    generator infers it from the image; it is trained on the very images it will protect.
-2. *confounder*: with the encoder frozen, the per-class tiles and the local head learn noise that is
-   as *learnable* as possible after the victim's pipeline (clamp to [0, 1], 8-bit rounding, random
-   crop + flip):
+2. *confounder*: with the encoder frozen, the per-class tiles (initialised far apart under the
+   victim's shift and flip: learning/tiles.py) and the local head learn noise that is as *learnable*
+   as possible after the trip to the victim (clamp to [0, 1], 8-bit rounding, then the distortion
+   layer: resize, JPEG, blur, grayscale, sub-pixel shift, the victim's crop + flip;
+   learning/distortions.py), scaled by the local-activity mask the protect engine applies:
    - N->Y: a noise-only classifier must read the label from the noise that survives clamping;
    - min-min: a surrogate trained on the protected images must fit them fast; it is re-initialised
      every `reset_every` steps, since a victim also starts from scratch;
