@@ -43,6 +43,7 @@ from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import accuracy, train_victim
 
 VARIANTS = {"distorted": Distortions(), "plain": dataclasses.replace(Distortions.none(), crop_flip=1.0)}
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "cgan-fashion-mnist.safetensors"
 CONDITIONS = ("written", "photo56", "photo112", "jpeg:50", "blur:1", "rescale:2")
 
 
@@ -68,7 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["codes", "confounder", "victims"])
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--variant", choices=[*sorted(VARIANTS), "clean"], help="clean: victims only, no protection")
+    ap.add_argument("--variant", choices=[*sorted(VARIANTS), "clean", "shipped"],
+                    help="clean: victims only, no protection; shipped: victims of weights/cgan-fashion-mnist.safetensors")
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--code-epochs", type=int, default=20)
@@ -99,7 +101,7 @@ def main() -> None:
         result = train(base_config(args, codes_out), data=data)
         print(json.dumps({"stage": "codes", "seconds": result.seconds, **result.metrics}))
         return
-    out = args.work / f"{args.variant}.safetensors"
+    out = SHIPPED if args.variant == "shipped" else args.work / f"{args.variant}.safetensors"
     if args.stage == "confounder":
         cfg = dataclasses.replace(base_config(args, out), epochs=args.epochs, distortions=VARIANTS[args.variant],
                                   code_epochs=0 if (args.work / "codes.from").exists() else args.code_epochs,
