@@ -13,6 +13,8 @@ stages, so the two generators can train in parallel from the same code stage:
     python bench/robust_pilot.py confounder --work WORK --variant plain --epochs 2
     # 3. victims (SmallCNN) trained on what each generator protects through ProtectEngine
     python bench/robust_pilot.py victims --work WORK --variant distorted [--conditions written photo112 ...]
+    # no victims: how much of the written noise is left after each path (correlation, RMS ratio)
+    python bench/robust_pilot.py survival --weights A.safetensors B.safetensors --n 1000
 
 Conditions (the training images a victim sees; the test set is clean, passed through the same
 countermeasure transform as `cgan verify` does):
@@ -34,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
+from cgan_cli.core.weights import load_generator
 from cgan_cli.learning.config import Distortions, TrainConfig, VictimConfig
 from cgan_cli.learning.countermeasures import parse_countermeasure
 from cgan_cli.learning.data import load_fashion_mnist
-from cgan_cli.core.weights import load_generator
 from cgan_cli.learning.train import build_nets, save_checkpoint, train
 from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import accuracy, train_victim
@@ -65,10 +67,33 @@ def photo_path(pixels: torch.Tensor, side: int, engine: ProtectEngine | None) ->
     return small.round().clamp(0, 255).to(torch.uint8)
 
 
+def survival(weights: list[Path], x: torch.Tensor, conditions: list[str]) -> None:
+    """n_written = protected - clean at 28 px; n_after = what the victim's loader gets from the protected
+    image minus what it gets from the clean one after the same path. Correlation and RMS ratio."""
+    print("| generator | path | correlation with the written noise | RMS after / RMS written |")
+    print("|---|---|---:|---:|")
+    for path in weights:
+        engine = ProtectEngine(EngineConfig(path, device="cpu"))
+        written = protect_with_engine(engine, x)
+        n_written = written.float() - x.float()
+        for condition in conditions:
+            if condition.startswith("photo"):
+                side = int(condition.removeprefix("photo"))
+                n_after = photo_path(x, side, engine).float() - photo_path(x, side, None).float()
+            else:
+                cm = parse_countermeasure(condition)
+                n_after = cm.apply(written).float() - cm.apply(x).float()
+            a, b = n_written.flatten(), n_after.flatten()
+            corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+            ratio = float(b.pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
+            print(f"| {path.name} | {condition} | {corr:.3f} | {ratio:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["codes", "confounder", "victims"])
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("stage", choices=["codes", "confounder", "victims", "survival"])
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--weights", nargs="+", type=Path, default=[], help="survival: the generators to compare")
     ap.add_argument("--variant", choices=[*sorted(VARIANTS), "clean", "shipped"],
                     help="clean: victims only, no protection; shipped: victims of weights/cgan-fashion-mnist.safetensors")
     ap.add_argument("--n", type=int, default=10000)
@@ -82,6 +107,11 @@ def main() -> None:
     ap.add_argument("--codes-from", type=Path, help="codes stage: take the encoder + code head of these weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.stage == "survival":
+        survival(args.weights, subset(args.n).pixels, [c for c in args.conditions if c != "written"])
+        return
+    if args.work is None:
+        ap.error("--work is required for this stage")
     args.work.mkdir(parents=True, exist_ok=True)
     data = subset(args.n)
     codes_out = args.work / "codes.safetensors"
