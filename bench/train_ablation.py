@@ -19,7 +19,7 @@ import torch
 
 from cgan_cli.core.generators import protect_tensor, quantize_8bit
 from cgan_cli.core.weights import load_generator
-from cgan_cli.learning.config import TrainConfig, VictimConfig
+from cgan_cli.learning.config import Distortions, TrainConfig, VictimConfig
 from cgan_cli.learning.data import load_fashion_mnist
 from cgan_cli.learning.train import train
 from cgan_cli.learning.victims import train_victim
@@ -27,9 +27,9 @@ from cgan_cli.learning.victims import train_victim
 # Objective variants: TrainConfig overrides. "full" is the shipped recipe.
 VARIANTS: dict[str, dict] = {
     "codes-only": {"epochs": 0},  # learned codes, random saturated tiles (stage 1 only)
-    "ny": {"w_minmin": 0.0, "w_adv": 0.0, "augment": False},
-    "ny+mm": {"w_adv": 0.0, "augment": False},
-    "ny+mm+aug": {"w_adv": 0.0},
+    "ny": {"w_minmin": 0.0, "w_adv": 0.0, "distortions": Distortions.none()},
+    "ny+mm": {"w_adv": 0.0, "distortions": Distortions.none()},
+    "ny+mm+aug": {"w_adv": 0.0, "distortions": dataclasses.replace(Distortions.none(), crop_flip=1.0)},
     "full": {},
 }
 

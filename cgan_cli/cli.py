@@ -23,6 +23,7 @@ from cgan_cli.core.choices import (
     VictimArch,
 )
 from cgan_cli.learning.config import (
+    Distortions,
     EMConfig,
     TrainConfig,
     VerifyConfig,
@@ -43,6 +44,7 @@ app = typer.Typer(
 
 PROTECT = ProtectConfig(inputs=(), out=Path())  # the defaults, read by the options below
 TRAIN = TrainConfig(data="", out=Path())
+DIST = TRAIN.distortions
 VICTIM = VictimConfig()
 VERIFY = VerifyRequest()
 
@@ -71,9 +73,11 @@ def protect_command(
     quality: int | None = typer.Option(None, "--quality", min=1, max=100, help="JPEG / lossy-WebP quality. Default: reuse the source JPEG's quantisation tables; 95 otherwise.", rich_help_panel=_IO),
     dry_run: bool = typer.Option(PROTECT.dry_run, "--dry-run", help="List what would be protected or skipped; decode and write nothing.", rich_help_panel=_IO),
     measure_written: bool = typer.Option(PROTECT.measure_written, "--measure-written", help="Re-decode every output and record its written_linf / written_psnr (what a lossy re-encode really delivered); costs one more decode per image.", rich_help_panel=_IO),
+    measure_ssim: bool = typer.Option(PROTECT.measure_ssim, "--measure-ssim", help="Record each image's SSIM (protected vs source) in the manifest; exact 11x11 Gaussian SSIM, ~20 s per 12 MP image on a loaded CPU core.", rich_help_panel=_IO),
     json_out: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout.", rich_help_panel=_IO),
     weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
     epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights (a larger one warns).", rich_help_panel=_PROT),
+    mask_floor: float | None = typer.Option(PROTECT.mask_floor, "--mask-floor", min=0, max=1, help="Local-activity mask: noise scale in flat regions, rising to 1 in texture (1 = no mask). Default: what the weights were trained with (none for weights made before the mask).", rich_help_panel=_PROT),
     full_res: bool = typer.Option(PROTECT.full_res, "--full-res", help="Run the generator at native resolution (tiled) instead of the weights' working resolution.", rich_help_panel=_PROT),
     labels: str | None = typer.Option(None, "--labels", help="Give each image the code of its true label instead of the generator's guess: folders (class-per-subfolder trees), cls (a WebDataset sample's cls member), or FILE.csv (path,label; label = class name or index). An image without a known label fails.", rich_help_panel=_PROT),
     seed: int = typer.Option(PROTECT.seed, "--seed", help="Seeds torch before protecting (reproducibility for stochastic generators; recorded).", rich_help_panel=_PROT),
@@ -104,8 +108,8 @@ def protect_command(
     cfg = ProtectConfig(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=Precision(precision).value, batch_size=batch_size,
         workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.canonical if fmt else None, quality=quality,
-        full_res=full_res, dry_run=dry_run, measure_written=measure_written, stdin_tar=shards, shard_size=shard_size,
-        shard_pattern=shard_pattern, labels=labels,
+        full_res=full_res, mask_floor=mask_floor, dry_run=dry_run, measure_written=measure_written, measure_ssim=measure_ssim,
+        stdin_tar=shards, shard_size=shard_size, shard_pattern=shard_pattern, labels=labels,
     )
     try:
         checked = preflight(cfg)  # every usage error before torch or any worker starts
@@ -172,6 +176,7 @@ def preview_command(
 
 
 _DATA, _OPT, _OBJ, _RUN = "Data / output", "Optimisation", "Objective", "Runtime"
+_DIST = "Distortions (the platform and scraper between the protected image and the victim's losses; probability per step, 0 = off)"
 
 
 @app.command("train")
@@ -189,7 +194,19 @@ def train_cmd(
     w_minmin: float = typer.Option(TRAIN.w_minmin, help="Weight of the surrogate loss on protected images (min-min).", rich_help_panel=_OBJ),
     w_adv: float = typer.Option(TRAIN.w_adv, help="Weight of the discriminator (imperceptibility) loss.", rich_help_panel=_OBJ),
     reset_every: int = typer.Option(TRAIN.reset_every, help="Re-initialise the min-min surrogate every N steps.", rich_help_panel=_OBJ),
-    augment: bool = typer.Option(TRAIN.augment, "--augment/--no-augment", help="Crop + flip inside the loop.", rich_help_panel=_OBJ),
+    augment: bool = typer.Option(DIST.crop_flip > 0, "--augment/--no-augment", help="The victim's crop + flip inside the loop.", rich_help_panel=_DIST),
+    dist_resize: float = typer.Option(DIST.resize, min=0, max=1, help="Resize to another size and grid offset (bilinear/bicubic/area/antialiased), and back.", rich_help_panel=_DIST),
+    dist_resize_min: float = typer.Option(DIST.resize_min, min=0.05, help="Smallest resize factor.", rich_help_panel=_DIST),
+    dist_resize_max: float = typer.Option(DIST.resize_max, min=0.05, help="Largest resize factor.", rich_help_panel=_DIST),
+    dist_jpeg: float = typer.Option(DIST.jpeg, min=0, max=1, help="Real JPEG (Pillow, 4:2:0 for RGB) off the 8x8 grid, straight-through gradient.", rich_help_panel=_DIST),
+    dist_jpeg_min: int = typer.Option(DIST.jpeg_min, min=1, max=100, help="Lowest JPEG quality.", rich_help_panel=_DIST),
+    dist_jpeg_max: int = typer.Option(DIST.jpeg_max, min=1, max=100, help="Highest JPEG quality.", rich_help_panel=_DIST),
+    dist_blur: float = typer.Option(DIST.blur, min=0, max=1, help="Gaussian blur.", rich_help_panel=_DIST),
+    dist_blur_max: float = typer.Option(DIST.blur_max, min=0.3, help="Largest blur sigma (px); the smallest is 0.3.", rich_help_panel=_DIST),
+    dist_grayscale: float = typer.Option(DIST.grayscale, min=0, max=1, help="Grayscale (RGB data only).", rich_help_panel=_DIST),
+    dist_shift: float = typer.Option(DIST.shift, min=0, max=1, help="Fractional (sub-pixel) translation.", rich_help_panel=_DIST),
+    dist_shift_max: float = typer.Option(DIST.shift_max, min=0, help="Largest shift (px).", rich_help_panel=_DIST),
+    mask_floor: float = typer.Option(TRAIN.mask_floor, min=0, max=1, help="Local-activity mask: the noise scale in flat regions, rising to 1 in texture (1 = no mask). Recorded in the weights; `cgan protect` applies the same mask.", rich_help_panel=_OBJ),
     epsilon: float = typer.Option(TRAIN.epsilon, help="L-inf budget in /255 units.", rich_help_panel=_OBJ),
     size: int = typer.Option(TRAIN.size, help="Working resolution for folder datasets (fashion-mnist stays 28).", rich_help_panel=_DATA),
     width: int = typer.Option(TRAIN.width, min=4, help="Generator channels (first layer; the encoder doubles them three times). Protect time per image grows ~ width^2.", rich_help_panel=_DATA),
@@ -214,7 +231,12 @@ def train_cmd(
     cfg = TrainConfig(
         data=data, out=out, arch=GeneratorArch(arch).value, epochs=epochs, code_epochs=code_epochs, batch_size=batch_size,
         lr_g=lr_g, lr_code=lr_code, lr_d=lr_d, w_ny=w_ny, w_minmin=w_minmin, w_adv=w_adv, reset_every=reset_every,
-        augment=augment, epsilon=epsilon, size=size, width=width, device=device, precision=Precision(precision).value, seed=seed,
+        distortions=Distortions(
+            resize=dist_resize, resize_min=dist_resize_min, resize_max=dist_resize_max, jpeg=dist_jpeg,
+            jpeg_min=dist_jpeg_min, jpeg_max=dist_jpeg_max, blur=dist_blur, blur_max=dist_blur_max,
+            grayscale=dist_grayscale, shift=dist_shift, shift_max=dist_shift_max, crop_flip=1.0 if augment else 0.0,
+        ),
+        mask_floor=mask_floor, epsilon=epsilon, size=size, width=width, device=device, precision=Precision(precision).value, seed=seed,
         resume=resume, checkpoint_every=checkpoint_every, sample_every=sample_every, command=shlex.join(["cgan", *sys.argv[1:]]),
     )
     raise typer.Exit(train_cli(cfg, threads))

@@ -14,6 +14,9 @@ added equally to R, G and B. Both keep |noise| <= epsilon.
 
 Codes: by default the generator's encoder guesses each image's code (its class); a caller that knows
 the labels passes them as `codes` and the image carries that code's pattern instead.
+Mask: with a mask floor below 1 (the weights' recipe, or --mask-floor), the noise direction is
+scaled by the local activity of the generator's input (core/noise.activity_mask): less in flat
+regions, the full budget in texture; the budget stays exact.
 
 Both `cgan protect` and `cgan verify` protect through `ProtectEngine.protect_batch`, so what verify
 measures is what protect ships. The engine leaves process-wide torch state (threads, seeds) alone.
@@ -32,7 +35,13 @@ import torch.nn.functional as F
 from cgan_cli.core.choices import check_epsilon
 from cgan_cli.core.device import autocast_context, resolve_device, resolve_precision
 from cgan_cli.core.formats import LUMA
-from cgan_cli.core.noise import NoiseAdder, as_tensor
+from cgan_cli.core.noise import (
+    NO_MASK,
+    NoiseAdder,
+    activity_mask,
+    as_tensor,
+    mask_floor_for,
+)
 from cgan_cli.core.weights import file_sha256, load_generator
 
 TILE = 512  # full-res tile side (a multiple of 8, so periodic patterns stay in phase across tiles)
@@ -48,6 +57,7 @@ class EngineConfig:
     epsilon: float | None = None  # /255 units; None = the epsilon the weights were trained for
     batch_size: int = 16
     full_res: bool = False
+    mask_floor: float | None = None  # local-activity mask floor; None = the weights' recipe (no mask if absent)
 
 
 def working_shape(height: int, width: int, working_size: int) -> tuple[int, int]:
@@ -125,6 +135,7 @@ class ProtectEngine:
         self.generator, self.meta = load_generator(cfg.weights, self.device)
         self.weights_sha256 = file_sha256(cfg.weights)
         self.epsilon = float(cfg.epsilon if cfg.epsilon is not None else self.meta.epsilon)
+        self.mask_floor = mask_floor_for(cfg.mask_floor, self.meta.recipe)
         self.add_noise = NoiseAdder(self.epsilon, self.device)
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -141,9 +152,11 @@ class ProtectEngine:
         """`generate`, with `forced` (B,) codes (-1 = let the encoder guess); also returns the (B,) codes used.
 
         A forced code gives the image exactly that code's tile (one-hot mixing weights, also for the
-        soft-code confounder-v1); a guessed code is the encoder's top code.
+        soft-code confounder-v1); a guessed code is the encoder's top code. The direction is scaled
+        by the local-activity mask of the same input (core/noise.py) when the weights or --mask-floor
+        ask for one, so flat regions get less of the budget.
         """
-        c_img, c_gen = x.shape[1], self.meta.channels
+        image, c_img, c_gen = x, x.shape[1], self.meta.channels
         if c_img == 1 and c_gen == 3:
             x = x.expand(-1, 3, -1, -1)
         elif c_img == 3 and c_gen == 1:
@@ -163,6 +176,8 @@ class ProtectEngine:
             g = g.mean(1, keepdim=True)
         elif c_img == 3 and c_gen == 1:
             g = g.expand(-1, 3, -1, -1)
+        if self.mask_floor < NO_MASK:
+            g = g * activity_mask(image, self.mask_floor)
         return g, weights.argmax(dim=1)
 
     def check_codes(self, codes: list[int | None] | None, count: int) -> torch.Tensor | None:
@@ -223,4 +238,4 @@ class ProtectEngine:
 
     def describe(self) -> dict:
         """What summary.json records about the weights."""
-        return {"path": str(self.cfg.weights), "sha256": self.weights_sha256, "metadata": asdict(self.meta)}
+        return {"path": str(self.cfg.weights), "sha256": self.weights_sha256, "mask_floor": self.mask_floor, "metadata": asdict(self.meta)}

@@ -13,6 +13,9 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from cgan_cli.core.formats import LUMA
 
 FIXED_POINT_OFFSET = 128  # noise levels travel as bytes: level + 128
 FIXED_POINT_LIMIT = 127  # the largest budget (in levels) a byte can carry that way
@@ -21,6 +24,36 @@ FIXED_POINT_LIMIT = 127  # the largest budget (in levels) a byte can carry that 
 def budget_levels(epsilon: float, max_value: int) -> int:
     """The largest change in integer levels that stays within epsilon (/255 units)."""
     return math.floor(epsilon / 255.0 * max_value + 1e-9)
+
+
+ACTIVITY_WINDOW = 5  # local-activity mask: side of the window its local std is taken over (working-size px)
+ACTIVITY_FULL = 0.15  # local std (of [0, 1] luma) at and above which a pixel gets the full budget
+NO_MASK = 1.0  # mask floor that leaves every pixel at the full budget
+
+
+def mask_floor_for(override: float | None, recipe: dict) -> float:
+    """The mask floor a run uses: the --mask-floor override, else what the weights were trained with."""
+    return float(override if override is not None else recipe.get("mask_floor", NO_MASK))
+
+
+def activity_mask(x: torch.Tensor, floor: float) -> torch.Tensor:
+    """(B, C, h, w) image in [0, 1] -> (B, 1, h, w) noise scale in [floor, 1]: less in flat regions.
+
+    A just-noticeable-difference proxy: the local standard deviation of the luma over a
+    ACTIVITY_WINDOW square, normalised by ACTIVITY_FULL and clipped to 1, mapped linearly to
+    [floor, 1]. Noise hides in texture and shows on flat areas (sky, skin, coffee crema). Scaling a
+    direction in [-1, 1] by it keeps |noise| <= epsilon, so the integer budget stays exact.
+    """
+    if floor >= NO_MASK:
+        return torch.ones_like(x[:, :1])
+    luma = x.mean(1, keepdim=True) if x.shape[1] != 3 else (
+        x * torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    pad = ACTIVITY_WINDOW // 2
+    padded = F.pad(luma, (pad, pad, pad, pad), mode="replicate")
+    mean = F.avg_pool2d(padded, ACTIVITY_WINDOW, stride=1)
+    mean_sq = F.avg_pool2d(padded * padded, ACTIVITY_WINDOW, stride=1)
+    std = (mean_sq - mean * mean).clamp_min(0.0).sqrt()
+    return floor + (1.0 - floor) * (std / ACTIVITY_FULL).clamp(max=1.0)
 
 
 def as_tensor(image: np.ndarray) -> torch.Tensor:

@@ -6,8 +6,38 @@ them in --help and to fill in options the user left out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+
+@dataclass
+class Distortions:
+    """The platform between a protected image and the victim's losses in `cgan train`.
+
+    Each distortion's probability per step is the field named as it is in
+    learning/distortions.REGISTRY (0 = off); the other fields are their ranges. All but the victim's
+    crop + flip are off by default: the pilot in docs/method.md has not shown a victim-measured gain
+    from them yet, and the shipped generators were trained without them. `--dist-*` turns them on.
+    """
+
+    resize: float = 0.0  # resize to resize_min..resize_max x the side on a random grid offset, and back
+    resize_min: float = 0.25
+    resize_max: float = 2.0
+    jpeg: float = 0.0  # real JPEG (Pillow, 4:2:0 for RGB) off the 8x8 grid, straight-through gradient
+    jpeg_min: int = 30
+    jpeg_max: int = 95
+    blur: float = 0.0  # Gaussian, sigma 0.3..blur_max px
+    blur_max: float = 1.0
+    grayscale: float = 0.0  # RGB only
+    shift: float = 0.0  # fractional translation up to shift_max px
+    shift_max: float = 1.0
+    crop_flip: float = 1.0  # the victim's random crop + horizontal flip (--augment/--no-augment)
+
+    @classmethod
+    def none(cls) -> "Distortions":
+        """Every probability 0: the protected image reaches the losses as written (clamped, rounded)."""
+        probabilities = ("resize", "jpeg", "blur", "grayscale", "shift", "crop_flip")
+        return cls(**{f.name: 0.0 for f in fields(cls) if f.name in probabilities})
 
 
 @dataclass
@@ -25,7 +55,8 @@ class TrainConfig:
     w_minmin: float = 1.0  # surrogate cross-entropy on protected images
     w_adv: float = 0.05  # hinge GAN generator loss
     reset_every: int = 200  # surrogate re-initialisation period, in steps
-    augment: bool = True  # crop + flip (the victim's augmentation) inside the loop
+    distortions: Distortions = field(default_factory=Distortions)  # between the protected image and N->Y / min-min
+    mask_floor: float = 1.0  # local-activity mask: noise scale in flat regions (1 = no mask; core/noise.activity_mask)
     epsilon: float = 8.0  # L-inf budget in /255 units
     size: int = 64  # working resolution for folder datasets (built-in sets keep their own)
     arch: str = "confounder-v3"  # or confounder-v2: the shallower encoder (docs/method.md)

@@ -19,7 +19,6 @@ list the same forms).
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +31,7 @@ from torch import nn
 
 from cgan_cli.core.choices import COUNTERMEASURES
 from cgan_cli.core.formats import LUMA
+from cgan_cli.learning.distortions import gaussian_blur_float
 from cgan_cli.learning.victims import BatchHook
 
 DataTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -73,17 +73,7 @@ def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur, kernel radius ceil(3 sigma), reflect padding at the borders."""
     if sigma <= 0:
         raise ValueError(f"blur sigma must be > 0, got {sigma}")
-    _, c, h, w = pixels.shape
-    radius = min(int(math.ceil(3 * sigma)), h - 1, w - 1)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = pixels.float() / 255.0
-    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-    return _to_uint8(x)
+    return _to_uint8(gaussian_blur_float(pixels.float() / 255.0, sigma))
 
 
 def rescale(pixels: torch.Tensor, factor: float) -> torch.Tensor:

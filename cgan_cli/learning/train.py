@@ -5,9 +5,11 @@ The objective (docs/method.md has the measurements that chose it) runs in two st
 1. *codes*: the generator's encoder learns to tell the classes apart (cross-entropy on the labels).
    At protect time the label is never an input, so the noise can only predict the label if the
    generator infers it from the image; it is trained on the very images it will protect.
-2. *confounder*: with the encoder frozen, the per-class tiles and the local head learn noise that is
-   as *learnable* as possible after the victim's pipeline (clamp to [0, 1], 8-bit rounding, random
-   crop + flip):
+2. *confounder*: with the encoder frozen, the per-class tiles (initialised far apart under the
+   victim's shift and flip: learning/tiles.py) and the local head learn noise that is as *learnable*
+   as possible after the trip to the victim (clamp to [0, 1], 8-bit rounding, then the distortion
+   layer: resize, JPEG, blur, grayscale, sub-pixel shift, the victim's crop + flip;
+   learning/distortions.py), scaled by the local-activity mask the protect engine applies:
    - N->Y: a noise-only classifier must read the label from the noise that survives clamping;
    - min-min: a surrogate trained on the protected images must fit them fast; it is re-initialised
      every `reset_every` steps, since a victim also starts from scratch;
@@ -49,15 +51,19 @@ from cgan_cli.core.device import (
 from cgan_cli.core.generators import (
     DeepCodeGenerator,
     HardCodeGenerator,
-    protect_tensor,
+    quantize_8bit,
 )
+from cgan_cli.core.noise import activity_mask
 from cgan_cli.core.weights import WeightsMeta, save_generator, save_tensors_atomic
 from cgan_cli.learning.config import TrainConfig
 from cgan_cli.learning.data import LabeledImages, load_labeled
+from cgan_cli.learning.distortions import check as check_distortions
+from cgan_cli.learning.distortions import distort_pair
 from cgan_cli.learning.nets import Discriminator, SmallCNN
-from cgan_cli.learning.victims import accuracy, crop_flip
+from cgan_cli.learning.tiles import far_apart_tiles
+from cgan_cli.learning.victims import accuracy
 
-OBJECTIVE = "staged: codes CE -> tiles by N->Y + min-min (surrogate reset) + hinge GAN, aug in loop"
+OBJECTIVE = "staged: codes CE -> far-apart tiles by N->Y + min-min (surrogate reset) + hinge GAN, distortions in loop"
 CKPT_FORMAT = 1
 TRAINABLE_ARCHS = {cls.arch: cls for cls in (HardCodeGenerator, DeepCodeGenerator)}
 
@@ -158,8 +164,8 @@ def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.
         raise ValueError(f"--arch {cfg.arch!r}: choose from {sorted(TRAINABLE_ARCHS)}")
     torch.manual_seed(cfg.seed)
     gen = TRAINABLE_ARCHS[cfg.arch](channels, num_classes, cfg.width, cfg.tile).to(device)
-    with torch.no_grad():  # start the tiles saturated: full-budget +-1 patterns after tanh
-        gen.tiles.copy_(3.0 * torch.randn_like(gen.tiles).sign())
+    with torch.no_grad():  # saturated (+-1 after tanh) and far apart under the victim's shift + flip
+        gen.tiles.copy_(3.0 * far_apart_tiles(num_classes, tuple(gen.tiles.shape[1:]), cfg.seed))
     disc = Discriminator(channels).to(device)
     noise_clf = SmallCNN(channels, num_classes).to(device)
     surrogate = fresh_surrogate(channels, num_classes, cfg.seed, device)
@@ -216,6 +222,11 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def masked_noise(gen: nn.Module, x: torch.Tensor, epsilon: float, mask_floor: float) -> torch.Tensor:
+    """epsilon/255 * G(x) scaled by the local-activity mask: exactly what the protect engine adds."""
+    return (epsilon / 255.0) * gen(x) * activity_mask(x, mask_floor)
+
+
 def code_step(nets: Nets, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, float]:
     """Stage 1: the encoder learns to infer the label (it is never given at protect time)."""
     for group in nets.opt_code.param_groups:
@@ -231,10 +242,9 @@ def code_step(nets: Nets, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[s
 def confounder_step(nets: Nets, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, aug_gen: torch.Generator) -> dict[str, float]:
     """Stage 2: one update of D, the noise classifier, the surrogate, then the tiles + local head."""
     eps = cfg.epsilon / 255.0
-    protected = quantize_ste(x + eps * nets.gen(x))
-    view = crop_flip(torch.cat([x, protected]), aug_gen) if cfg.augment else torch.cat([x, protected])
-    clean_v, prot_v = view.chunk(2)
-    noise_v = (prot_v - clean_v) / eps  # the noise as the victim gets it: clamped, rounded, augmented
+    protected = quantize_ste(x + masked_noise(nets.gen, x, cfg.epsilon, cfg.mask_floor))
+    clean_v, prot_v = distort_pair(x, protected, aug_gen, cfg.distortions)
+    noise_v = (prot_v - clean_v) / eps  # the noise as the victim gets it: clamped, rounded, distorted
 
     # Discriminator (hinge): clean -> -1, protected -> +1.
     d_loss = F.relu(1.0 + nets.disc(clean_v.detach())).mean() + F.relu(1.0 - nets.disc(prot_v.detach())).mean()
@@ -274,7 +284,7 @@ def evaluate(nets: Nets, data: LabeledImages, cfg: TrainConfig, device: torch.de
     linf = 0.0
     for i in range(0, len(data), 512):
         x = data.pixels[i : i + 512].to(device).float() / 255.0
-        linf = max(linf, (cfg.epsilon * nets.gen(x)).abs().max().item())
+        linf = max(linf, (255.0 * masked_noise(nets.gen, x, cfg.epsilon, cfg.mask_floor)).abs().max().item())
     nets.gen.train()
     return {"code_train_accuracy": code_accuracy, "noise_linf_255": linf}
 
@@ -292,6 +302,7 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
         TimeRemainingColumn,
     )
 
+    check_distortions(cfg.distortions)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     data = data if data is not None else load_labeled(cfg.data, split="train", size=cfg.size)
@@ -334,7 +345,7 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
                 save_checkpoint(ckpt_path, nets, step, cfg, aug_gen)
             if cfg.sample_every and step % cfg.sample_every == 0:
-                write_sample(nets.gen, sample_x, cfg.epsilon, sibling(out, ".samples") / f"step{step:07d}.png")
+                write_sample(nets.gen, sample_x, cfg.epsilon, cfg.mask_floor, sibling(out, ".samples") / f"step{step:07d}.png")
 
     seconds = time.perf_counter() - start
     metrics = {"steps": step, "seconds": round(seconds, 1), "last": logs, **evaluate(nets, data, cfg, device)}
@@ -352,9 +363,9 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
 
 
 @torch.no_grad()
-def write_sample(gen: nn.Module, x: torch.Tensor, epsilon: float, path: Path) -> None:
+def write_sample(gen: nn.Module, x: torch.Tensor, epsilon: float, mask_floor: float, path: Path) -> None:
     gen.eval()
-    protected = protect_tensor(gen, x, epsilon)
+    protected = quantize_8bit(x + masked_noise(gen, x, epsilon, mask_floor))
     gen.train()
     with atomic_open(path) as fh:
         sample_grid(x, protected, epsilon).save(fh, "PNG")

@@ -28,8 +28,10 @@ class ProtectConfig:
     format: str | None = None
     quality: int | None = None
     full_res: bool = False
+    mask_floor: float | None = None  # local-activity mask floor (1 = none); None = the weights' own (core/noise.py)
     dry_run: bool = False
     measure_written: bool = False
+    measure_ssim: bool = False
     stdin_tar: bool = False  # `-` is a tar stream on stdin (without it, `-` is a list of paths)
     shard_size: int | None = None  # re-shard: at most this many samples (keys) per output shard
     shard_pattern: str = "shard-%06d.tar"
@@ -80,7 +82,7 @@ class ProtectConfig:
         return replace(self, weights=weights)
 
     def encode_options(self) -> EncodeOptions:
-        return EncodeOptions(self.format, self.quality, self.measure_written)
+        return EncodeOptions(self.format, self.quality, self.measure_written, self.measure_ssim)
 
 
 @dataclass(frozen=True)

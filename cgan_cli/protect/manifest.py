@@ -47,6 +47,7 @@ class ManifestRecord:
     sha256_out: str | None = None
     linf: float | None = None  # max |protected - original| over colour channels, /255 units
     psnr: float | None = None  # dB over colour channels; null when nothing changed
+    ssim: float | None = None  # mean SSIM (11x11 Gaussian window) over colour channels; with --measure-ssim
     written_linf: float | None = None  # the same, measured on the re-decoded output (--measure-written)
     written_psnr: float | None = None
     seconds: float | None = None
@@ -59,17 +60,23 @@ class ManifestRecord:
 
     def round_measurements(self) -> None:
         """4 decimals of L-inf and 3 of PSNR: enough to read, stable across platforms."""
-        for name, digits in (("linf", 4), ("written_linf", 4), ("psnr", 3), ("written_psnr", 3)):
+        for name, digits in (("linf", 4), ("written_linf", 4), ("psnr", 3), ("written_psnr", 3), ("ssim", 5)):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, round(value, digits))
 
 
 def settings_key(weights_sha256: str, epsilon: float, full_res: bool, fmt: str | None, quality: int | None,
-                 labels: str | None = None) -> str:
+                 labels: str | None = None, mask_floor: float = 1.0) -> str:
     """A short fingerprint of everything that changes an output's bytes, so resume never reuses an
-    output made with other weights, epsilon, mode, format or code source (guessed vs labeled)."""
-    text = json.dumps([weights_sha256, float(epsilon), bool(full_res), fmt, quality] + ([labels] if labels else []))
+    output made with other weights, epsilon, mode, format, code source (guessed vs labeled) or mask.
+    Without labels and mask it is the key of runs made before those existed."""
+    parts: list = [weights_sha256, float(epsilon), bool(full_res), fmt, quality]
+    if labels:
+        parts.append(labels)
+    if mask_floor < 1.0:
+        parts.append(float(mask_floor))
+    text = json.dumps(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,7 @@ from cgan_cli.core.formats import (
     fidelity,
     output_format,
     output_name,
+    ssim,
     written_fidelity,
 )
 from cgan_cli.protect.manifest import (
@@ -149,6 +150,9 @@ def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, 
             rec.code, rec.code_source = code, "guess" if item.sample.label is None else "label"
             original = item.decoded.pixels if isinstance(protected, np.ndarray) else item.decoded.frames_pixels
             rec.linf, rec.psnr = fidelity(original, protected, item.decoded.max_value)
+            if options.measure_ssim:  # a multi-frame image records its worst frame
+                pairs = zip(original, protected) if isinstance(protected, list) else [(original, protected)]
+                rec.ssim = min(ssim(a, b, item.decoded.max_value) for a, b in pairs)
             if options.measure_written:
                 rec.written_linf, rec.written_psnr = written_fidelity(item.decoded, decode_image(payload, item.sample.rel_out))
         rec.bytes_out, rec.sha256_out = len(payload), hashlib.sha256(payload).hexdigest()
@@ -157,7 +161,7 @@ def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, 
             payload = None
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
         rec.status, rec.error, payload = "failed", f"cannot write output: {exc}", None
-        rec.linf = rec.psnr = rec.written_linf = rec.written_psnr = rec.bytes_out = rec.sha256_out = None
+        rec.linf = rec.psnr = rec.ssim = rec.written_linf = rec.written_psnr = rec.bytes_out = rec.sha256_out = None
     rec.seconds = round(item.seconds + t_engine + time.perf_counter() - t0, 4)
     rec.round_measurements()
     return rec, payload
@@ -434,4 +438,5 @@ def protect_stream(
 
 def run_settings(engine: ProtectEngine, options: EncodeOptions, labels: str | None = None) -> str:
     """The manifest `settings` fingerprint of a run (see manifest.settings_key)."""
-    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality, labels)
+    return settings_key(engine.weights_sha256, engine.epsilon, engine.cfg.full_res, options.format, options.quality, labels,
+                        engine.mask_floor)

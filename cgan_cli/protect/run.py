@@ -23,6 +23,7 @@ from cgan_cli.core.device import cpu_threads_per_worker
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.formats import output_name
+from cgan_cli.core.noise import mask_floor_for
 from cgan_cli.core.urls import expand_shard_spec
 from cgan_cli.core.weights import WeightsMeta, file_sha256, read_meta
 from cgan_cli.protect.config import ProtectConfig
@@ -84,7 +85,7 @@ from cgan_cli.protect.tars import hostile_reason, shard_name
 
 def engine_config(cfg: ProtectConfig, device: str) -> EngineConfig:
     assert cfg.weights is not None, "call checked() first"
-    return EngineConfig(cfg.weights, device, cfg.precision, cfg.epsilon, cfg.batch_size, cfg.full_res)
+    return EngineConfig(cfg.weights, device, cfg.precision, cfg.epsilon, cfg.batch_size, cfg.full_res, cfg.mask_floor)
 
 
 def new_summary(cfg: ProtectConfig, engine: ProtectEngine, cls: type[RunSummary] = RunSummary, **extra) -> RunSummary:
@@ -341,7 +342,8 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
         seed=cfg.seed, dry_run=True, labels=cfg.labels,
     )
     options = cfg.encode_options()
-    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality, cfg.labels_kind))
+    resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality,
+                                                                     cfg.labels_kind, mask_floor_for(cfg.mask_floor, meta.recipe)))
     for sample in iter_samples(list(cfg.inputs), sys.stdin):
         if sample.ignored is not None:
             summary.add("ignored")
