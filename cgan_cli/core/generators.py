@@ -57,12 +57,23 @@ class ConfounderGenerator(nn.Module):
         return self.code_logits(x).softmax(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tiled_noise(x, torch.einsum("bk,kcij->bcij", self.codes(x), self.tiles))
+
+    def tiled_noise(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """tanh(per-image tile (B, C, t, t) repeated over the image + local head): G's output for given tiles."""
         h, w = x.shape[-2:]
-        codes = self.codes(x)
-        pattern = torch.einsum("bk,kcij->bcij", codes, self.tiles)
-        reps = (-(-h // self.tile), -(-w // self.tile))
-        pattern = pattern.repeat(1, 1, *reps)[..., :h, :w]
+        reps = (-(-h // tiles.shape[-2]), -(-w // tiles.shape[-1]))
+        pattern = tiles.repeat(1, 1, *reps)[..., :h, :w]
         return torch.tanh(pattern + self.local_head(x))
+
+    def noise_for_code(self, x: torch.Tensor, code: int | torch.Tensor) -> torch.Tensor:
+        """The noise direction G would add to `x` had its encoder chosen `code` (an int, or (B,) ints).
+
+        The encoder is skipped, so the pattern follows the given code, not a guess: what protecting with
+        known labels needs, and what `cgan audit` shows a model to see if it learned the shortcut.
+        """
+        codes = torch.as_tensor(code, device=x.device).expand(x.shape[0])
+        return self.tiled_noise(x, self.tiles[codes])
 
 
 class HardCodeGenerator(ConfounderGenerator):

@@ -81,9 +81,27 @@ def train_victim(
     `batch_hook(x, y, model) -> x` lets a countermeasure change each training batch (mixup, cutout,
     adversarial training) without a second training loop.
     """
+    return fit_victim(train_x, train_y, test_x, test_y, num_classes, cfg, batch_hook)[1]
+
+
+def fit_victim(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    cfg: VictimConfig,
+    batch_hook: BatchHook | None = None,
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, VictimResult]:
+    """`train_victim` that also returns the trained network, and can start from a given one.
+
+    `model` (fine-tuning a trained victim, or an architecture not in nets.py) replaces the fresh
+    `cfg.arch` network; `cgan audit`'s benchmark exports what comes back.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_victim(cfg.arch, train_x.shape[1], num_classes).to(cfg.device)
+    model = (model if model is not None else build_victim(cfg.arch, train_x.shape[1], num_classes)).to(cfg.device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = -(-len(train_y) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
@@ -118,4 +136,4 @@ def train_victim(
         model.eval()
         with _autocast(cfg):
             curve.append(accuracy(model, test_x, test_y, device=cfg.device))
-    return VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)
+    return model, VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)
