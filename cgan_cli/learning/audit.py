@@ -415,7 +415,7 @@ def audit_cli(cfg: AuditConfig, json_out: bool = False) -> int:
     try:
         report = audit(cfg)
     except ValueError as exc:  # UsageErrors: model, images, options
-        Console(stderr=True).print(f"error: {exc}", markup=False)
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False)
         return 2
     if json_out:
         print(json.dumps(report))
