@@ -67,21 +67,9 @@ def _autocast(cfg: VictimConfig):
     return autocast_context(torch.device(cfg.device), cfg.precision)
 
 
-def train_victim(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    num_classes: int,
-    cfg: VictimConfig,
-    batch_hook: BatchHook | None = None,
-) -> VictimResult:
-    """Train a fresh victim on float images in [0, 1]; report clean-test accuracy per epoch.
-
-    `batch_hook(x, y, model) -> x` lets a countermeasure change each training batch (mixup, cutout,
-    adversarial training) without a second training loop.
-    """
-    return fit_victim(train_x, train_y, test_x, test_y, num_classes, cfg, batch_hook)[1]
+def train_victim(*args, **kwargs) -> VictimResult:
+    """`fit_victim`'s result without the network: what verify and the benchmarks record."""
+    return fit_victim(*args, **kwargs)[1]
 
 
 def fit_victim(
@@ -94,10 +82,11 @@ def fit_victim(
     batch_hook: BatchHook | None = None,
     model: nn.Module | None = None,
 ) -> tuple[nn.Module, VictimResult]:
-    """`train_victim` that also returns the trained network, and can start from a given one.
+    """Train a fresh victim on float images in [0, 1]; report clean-test accuracy per epoch; return it too.
 
-    `model` (fine-tuning a trained victim, or an architecture not in nets.py) replaces the fresh
-    `cfg.arch` network; `cgan audit`'s benchmark exports what comes back.
+    `batch_hook(x, y, model) -> x` lets a countermeasure change each training batch (mixup, cutout,
+    adversarial training) without a second training loop. `model` (fine-tuning a trained victim, or
+    an architecture not in nets.py) replaces the fresh `cfg.arch` network.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
