@@ -400,8 +400,8 @@ def results_table(report: dict[str, Any]) -> Table:
         f"{report['images']} images. specific: rise of the model class's mean log-probability when the code's pattern "
         f"is added, beyond the other codes' (controls: {controls['count']} shuffled tiles, {controls['mean']:+.2f} ± "
         f"{controls['std']:.2f}); probability / top-1: that class's mean probability and top-1 share, with vs without"))
-    for col in ("code", "generator class", "model class", "specific", "probability", "top-1", "z", "above controls"):
-        table.add_column(col, justify="left" if col in ("code", "generator class") else "right")
+    for col in ("code", "generator\nclass", "model\nclass", "specific", "prob-\nability", "top-1", "z", "beats\ncontrols"):
+        table.add_column(col, justify="left" if col in ("code", "generator\nclass") else "right")
     for r in report["codes"]:
         z = "-" if r["z"] is None else f"{r['z']:+.1f}"
         table.add_row(str(r["code"]), r["code_name"], str(r["matched_class"]), f"{r['specific_log_shift']:+.2f}",
