@@ -3,7 +3,8 @@
 Two phases, so the slow one (training) runs once and the audits can be redone:
 
     nice -n 10 .venv/bin/python bench/audit_bench.py train   # victims -> runs/audit-bench/models/*.pt
-    nice -n 10 .venv/bin/python bench/audit_bench.py audit   # every model -> runs/audit-bench/results.json + table
+    nice -n 10 .venv/bin/python bench/audit_bench.py audit   # every model -> runs/audit-bench/results.json
+    .venv/bin/python bench/audit_bench.py table              # the markdown table in docs/audit.md
 
 `train` protects a seeded training subset with the shipped weights/cgan-fashion-mnist.safetensors at
 8/255 THROUGH THE ENGINE (`ProtectEngine.protect_batch`, what `cgan protect` runs), trains victims
@@ -206,16 +207,36 @@ def audit_phase(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t0
         results[name] = {**rec, "p_value": report["p_value"], "flagged": report["flagged"], "effect": report["effect"],
                          "effect_z": report["effect_z"], "audit_seconds": seconds,
-                         "code_ranks": [c["controls_below"] for c in report["codes"]],
+                         "code_ranks": [c["controls_below"] for c in report["codes"]], "controls": report["controls"]["count"],
                          "matched_classes": [c["matched_class"] for c in report["codes"]]}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name:28s} p={report['p_value']:.2e} effect={report['effect']:+.3f} z={report['effect_z']:+.1f} "
               f"{'FLAGGED' if report['flagged'] else 'not flagged'}  ({seconds:.1f}s)", flush=True)
 
 
+def table_phase(args: argparse.Namespace) -> None:
+    """Markdown rows for docs/audit.md from results.json, and the pooled code ranks of the clean models."""
+    results = json.loads((OUT / "results.json").read_text())
+    print("| model | trained on | arch | clean test acc. | p-value | flagged at 0.01 | effect | codes beating all controls |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        data = name.split("-")[0] if not name.startswith("protected-cnn-ft") else "protected, then fine-tuned on " + name.rsplit("-", 1)[1]
+        best = sum(rank == r.get("controls", 2 * len(r["code_ranks"])) for rank in r["code_ranks"])
+        print(f"| {name} | {data} ({r['train_images']} img, {r['epochs']} ep) | {r['arch']} | {r['clean_test_accuracy']:.1%} | "
+              f"{r['p_value']:.2g} | {'yes' if r['flagged'] else 'no'} | {r['effect']:+.3f} | {best}/{len(r['code_ranks'])} |")
+    clean = {n: r for n, r in results.items() if n.startswith("clean-")}
+    if clean:
+        ps = sorted(r["p_value"] for r in clean.values())
+        print(f"\nclean models: {len(ps)}, flagged at 0.01: {sum(p < 0.01 for p in ps)}; p-values: "
+              + ", ".join(f"{p:.2f}" for p in ps))
+        ranks = [rank for r in clean.values() for rank in r["code_ranks"]]
+        print(f"pooled code ranks among controls (uniform on 0..M under the null): mean {np.mean(ranks):.2f}, "
+              f"{len(ranks)} codes; histogram {np.bincount(ranks).tolist()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "audit"])
+    ap.add_argument("phase", choices=["train", "audit", "table"])
     ap.add_argument("--limit", type=int, default=10000, help="training images (seeded subset)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--ft-epochs", type=int, default=2)
@@ -230,7 +251,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="audit only models whose name contains one of these")
     ap.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    train_phase(args) if args.phase == "train" else audit_phase(args)
+    {"train": train_phase, "audit": audit_phase, "table": table_phase}[args.phase](args)
 
 
 if __name__ == "__main__":
