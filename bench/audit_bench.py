@@ -92,7 +92,7 @@ def fresh(arch: str) -> nn.Module | None:
 
 def export(model: nn.Module, arch: str, path: Path) -> None:
     model = model.cpu().eval()
-    if arch == "resnet18":  # traced, to show both exporters work
+    if arch in ("resnet18", "allconv"):  # traced, to show both exporters work
         scripted = torch.jit.trace(model, torch.rand(2, 1, 28, 28))
     else:
         scripted = torch.jit.script(model)
@@ -153,10 +153,10 @@ def train_phase(args: argparse.Namespace) -> None:
     for cm_name, cm in (("jpeg75", jpeg75), ("blur1", blur1)):
         run(f"protected-cnn-ft-{cm_name}", "cnn", cm(protected), 1, args.ft_epochs, start_from=_unscript_cnn(base), lr=0.02,
             test_pixels=cm(test.pixels).float().div(255))
-    run("protected-allconv", "allconv", protected, 0, e)
-    run("clean-allconv-s0", "allconv", train.pixels, 0, e)
     for seed in range(1, args.clean_seeds):  # cheap clean models for the false-positive rate
         run(f"clean-mlp-s{seed}", "mlp", train.pixels, seed, e)
+    run("protected-allconv", "allconv", protected, 0, e)
+    run("clean-allconv-s0", "allconv", train.pixels, 0, e)
     for seed in range(1, args.clean_seeds_conv):
         for arch in ("lenet", "allconv", "cnn"):
             run(f"clean-{arch}-s{seed}", arch, train.pixels, seed, e)
