@@ -234,9 +234,31 @@ def table_phase(args: argparse.Namespace) -> None:
               f"{len(ranks)} codes; histogram {np.bincount(ranks).tolist()}")
 
 
+def unrelated_phase(args: argparse.Namespace) -> None:
+    """The flagged protected CNN audited with a generator it never saw (fresh init, tiles scaled to the shipped spread)."""
+    from dataclasses import replace
+
+    from cgan_cli.core.weights import load_generator, save_generator
+    from cgan_cli.learning.audit import audit
+    from cgan_cli.learning.config import AuditConfig
+
+    torch.set_num_threads(args.threads)
+    shipped, meta = load_generator(WEIGHTS)
+    torch.manual_seed(123)
+    fresh_gen = type(shipped)(**meta.arch_params)
+    with torch.no_grad():
+        fresh_gen.tiles.mul_(shipped.tiles.std() / fresh_gen.tiles.std())
+    path = OUT / "unrelated-generator.safetensors"
+    save_generator(path, fresh_gen.eval(), replace(meta, recipe={"note": "random init: a generator the victims never saw"}))
+    report = audit(AuditConfig(model=MODELS / "protected-cnn.pt", weights=path, images=write_test_pngs(args.images, OUT / "test-png"),
+                               limit=args.images))
+    (OUT / "unrelated-protected-cnn.json").write_text(json.dumps(report) + "\n")
+    print(f"protected-cnn vs an unrelated generator: p={report['p_value']:.2g} effect={report['effect']:+.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "audit", "table"])
+    ap.add_argument("phase", choices=["train", "audit", "table", "unrelated"])
     ap.add_argument("--limit", type=int, default=10000, help="training images (seeded subset)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--ft-epochs", type=int, default=2)
@@ -251,7 +273,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="audit only models whose name contains one of these")
     ap.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"train": train_phase, "audit": audit_phase, "table": table_phase}[args.phase](args)
+    {"train": train_phase, "audit": audit_phase, "table": table_phase, "unrelated": unrelated_phase}[args.phase](args)
 
 
 if __name__ == "__main__":
