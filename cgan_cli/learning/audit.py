@@ -165,6 +165,8 @@ class Patterns:
             raise AuditError(f"generator architecture {meta.arch} has no per-code patterns to audit")
         self.generator, self.meta = generator, meta
         self.codes = int(generator.num_codes)
+        if self.codes < 2:
+            raise AuditError(f"the generator has {self.codes} code; the test compares at least 2")
         self.controls = control_tiles(generator.tiles.detach(), control_sets, seed)
         self.epsilon, self.levels = epsilon, budget_levels(epsilon, 255)
         self.size = size
