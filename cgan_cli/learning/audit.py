@@ -137,7 +137,7 @@ def control_tiles(tiles: torch.Tensor, sets: int, seed: int) -> torch.Tensor:
     through the same local head and tanh, the same L-inf bound; only the spatial arrangement that a
     victim could have learned is gone. (Phase-randomised tiles, which keep the power spectrum, are no
     control: a victim trained with random crops keys on the spectrum and reacts to them as to the
-    code itself; measured in docs/audit.md.)
+    code itself; see docs/audit.md.)
     """
     gen = torch.Generator().manual_seed(seed)
     k, c, h, w = tiles.shape
