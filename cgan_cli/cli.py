@@ -18,11 +18,15 @@ from cgan_cli.core.choices import (
     COUNTERMEASURES,
     Baseline,
     GeneratorArch,
+    ModelOutputs,
     OutputFormat,
     Precision,
     VictimArch,
+    parse_floats,
 )
+from cgan_cli.core.errors import UsageError
 from cgan_cli.learning.config import (
+    AuditConfig,
     Distortions,
     EMConfig,
     TrainConfig,
@@ -47,6 +51,7 @@ TRAIN = TrainConfig(data="", out=Path())
 DIST = TRAIN.distortions
 VICTIM = VictimConfig()
 VERIFY = VerifyRequest()
+AUDIT = AuditConfig()
 
 
 def _version(value: bool) -> None:
@@ -292,3 +297,49 @@ def verify_command(
         cfg=VerifyConfig(victim, [VictimArch(a).value for a in arch], list(countermeasure)),
     )
     raise typer.Exit(verify_cli(request, device, Precision(precision).value))
+
+
+_AMODEL, _APROT, _ATEST, _AOUT = "Model", "Protection", "Test", "Output"
+
+
+def _floats(option: str):
+    def parse(text: str | None) -> tuple[float, ...] | None:
+        try:
+            return None if text is None else parse_floats(option, text)
+        except UsageError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parse
+
+
+@app.command("audit")
+def audit_command(
+    model: Path | None = typer.Argument(None, help="The suspect model: a TorchScript file (torch.jit.save) or, with onnxruntime installed, an .onnx file. Loaded on the CPU; see docs/audit.md for what loading a foreign file can do.", show_default=False),
+    images: Path | None = typer.Option(None, "--images", help="Folder of clean images of the kind the model classifies (recursive; labels not needed).", rich_help_panel=_AMODEL, show_default=False),
+    predict: str | None = typer.Option(None, "--predict", help="Instead of MODEL: module:function or file.py:function taking a normalised (B, C, S, S) float tensor, returning (B, classes) scores (e.g. a wrapper around an API). It runs as your own Python code.", rich_help_panel=_AMODEL),
+    size: int | None = typer.Option(None, "--size", min=8, help="Model input side in pixels (images are fitted to it). Default: the generator's working size.", rich_help_panel=_AMODEL),
+    channels: int | None = typer.Option(None, "--channels", min=1, max=3, help="Model input channels, 1 or 3. Default: the generator's.", rich_help_panel=_AMODEL),
+    mean: str = typer.Option(",".join(map(str, AUDIT.mean)), "--mean", callback=_floats("--mean"), help="The model's input normalisation (x - mean) / std with x in [0, 1]: one value or one per channel (0.485,0.456,0.406).", rich_help_panel=_AMODEL),
+    std: str = typer.Option(",".join(map(str, AUDIT.std)), "--std", callback=_floats("--std"), help="See --mean.", rich_help_panel=_AMODEL),
+    outputs: ModelOutputs = typer.Option(AUDIT.outputs, "--outputs", help="What the model returns: logits, probs (e.g. an API's scores; one-hot for label-only APIs), or auto-detect.", rich_help_panel=_AMODEL),
+    weights: Path | None = typer.Option(None, "--weights", "-w", help="The generator whose protection you look for (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_APROT),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units the images were protected at. Default: the weights' own.", rich_help_panel=_APROT),
+    control_sets: int = typer.Option(AUDIT.control_sets, "--control-sets", min=1, help="Sets of control patterns (as many as the generator has codes each; the null). Each pattern costs one model pass over the images.", rich_help_panel=_ATEST),
+    limit: int | None = typer.Option(AUDIT.limit, "--limit", min=1, help="Use at most this many images (a seeded random subset).", rich_help_panel=_ATEST),
+    alpha: float = typer.Option(AUDIT.alpha, "--alpha", help="Significance level of the verdict.", rich_help_panel=_ATEST),
+    seed: int = typer.Option(AUDIT.seed, "--seed", help="Draws the control patterns and the image subset.", rich_help_panel=_ATEST),
+    batch_size: int = typer.Option(AUDIT.batch_size, "--batch-size", min=1, help="Images per model call.", rich_help_panel=_AOUT),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout (p_value, verdict, effect, codes, ...).", rich_help_panel=_AOUT),
+) -> None:
+    """Was this model trained on images protected by this generator? A black-box test on its predictions.
+
+    Exit code 0 when the test ran (whatever the verdict), 2 for usage errors.
+    """
+    from cgan_cli.learning.audit import audit_cli
+
+    cfg = AuditConfig(
+        model=model, weights=weights, images=images, predict=predict, size=size, channels=channels, mean=mean, std=std,
+        outputs=ModelOutputs(outputs).value, epsilon=epsilon, control_sets=control_sets, limit=limit, alpha=alpha,
+        batch_size=batch_size, seed=seed,
+    )
+    raise typer.Exit(audit_cli(cfg, json_out=json_out))

@@ -32,6 +32,14 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class ModelOutputs(str, Enum):
+    """What an audited model returns per image: `auto` tells probabilities (rows >= 0 summing to 1) from logits."""
+
+    auto = "auto"
+    logits = "logits"
+    probs = "probs"
+
+
 class GeneratorArch(str, Enum):
     """Trainable generators (core/generators.py); v3 is what the shipped weights use."""
 
@@ -72,3 +80,14 @@ def check_device_name(name: str) -> None:
     _, _, idx = name.partition(":")
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and idx.isdigit()):
         raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+
+
+def parse_floats(option: str, text: str) -> tuple[float, ...]:
+    """'0.5' or '0.485,0.456,0.406' (one value, or one per channel) -> floats; for --mean / --std."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected a number or comma-separated numbers, e.g. 0.5 or 0.485,0.456,0.406") from None
+    if len(values) not in (1, 3):
+        raise UsageError(f"{option} {text!r}: give 1 value or 3 (one per channel)")
+    return values

@@ -59,12 +59,24 @@ class ConfounderGenerator(nn.Module):
     def forward(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         """Noise direction for `x`; `codes` (B,) indices or (B, num_codes) mixing weights replace the
         encoder's guess when the caller knows which pattern each image must carry (its true label)."""
-        h, w = x.shape[-2:]
         codes = self.codes(x) if codes is None else as_code_weights(codes, self.num_codes).to(x.dtype)
-        pattern = torch.einsum("bk,kcij->bcij", codes, self.tiles)
-        reps = (-(-h // self.tile), -(-w // self.tile))
-        pattern = pattern.repeat(1, 1, *reps)[..., :h, :w]
+        return self.tiled_noise(x, torch.einsum("bk,kcij->bcij", codes, self.tiles))
+
+    def tiled_noise(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """tanh(per-image tile (B, C, t, t) repeated over the image + local head): G's output for given tiles."""
+        h, w = x.shape[-2:]
+        reps = (-(-h // tiles.shape[-2]), -(-w // tiles.shape[-1]))
+        pattern = tiles.repeat(1, 1, *reps)[..., :h, :w]
         return torch.tanh(pattern + self.local_head(x))
+
+    def noise_for_code(self, x: torch.Tensor, code: int | torch.Tensor) -> torch.Tensor:
+        """The noise direction G would add to `x` had its encoder chosen `code` (an int, or (B,) ints).
+
+        The encoder is skipped, so the pattern follows the given code, not a guess: what protecting with
+        known labels needs, and what `cgan audit` shows a model to see if it learned the shortcut.
+        """
+        codes = torch.as_tensor(code, device=x.device).expand(x.shape[0])
+        return self.tiled_noise(x, self.tiles[codes])
 
 
 def as_code_weights(codes: torch.Tensor, num_codes: int) -> torch.Tensor:

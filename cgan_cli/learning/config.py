@@ -121,3 +121,23 @@ class VerifyRequest:
     report: Path | None = None
     em: EMConfig = field(default_factory=EMConfig)
     cfg: VerifyConfig = field(default_factory=lambda: VerifyConfig(VictimConfig()))
+
+@dataclass
+class AuditConfig:
+    """`cgan audit`: does MODEL react to a generator's confounder patterns? (docs/audit.md)"""
+
+    model: Path | None = None  # TorchScript (.pt) or ONNX (.onnx) file
+    weights: Path | None = None  # the generator whose protection is traced; None = the shipped default
+    images: Path | None = None  # clean images of the kind the model classifies (labels not needed)
+    predict: str | None = None  # "module:function" or "file.py:function" instead of MODEL: a black-box API wrapper
+    size: int | None = None  # model input side; None = the generator's working size
+    channels: int | None = None  # 1 or 3; None = the generator's channels
+    mean: tuple[float, ...] = (0.0,)  # the model's input normalisation: (x - mean) / std, x in [0, 1]
+    std: tuple[float, ...] = (1.0,)
+    outputs: str = "auto"  # auto | logits | probs: what the model returns
+    epsilon: float | None = None  # /255 units; None = the generator's own
+    control_sets: int = 2  # sets of K control patterns (the null); smallest p-value 1 / C(K * (sets + 1), K)
+    limit: int | None = 2000  # at most this many images (a seeded random subset); None = all
+    alpha: float = 0.01  # the verdict's significance level
+    batch_size: int = 250
+    seed: int = 0  # draws the control patterns and the image subset

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from webdataset.tariterators import tarfile_samples
 
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.formats import heif_opener, is_image_name
+from cgan_cli.core.formats import IMAGE_SUFFIXES, heif_opener, is_image_name
 from cgan_cli.core.urls import expand_shard_spec, looks_like_shards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -134,6 +134,38 @@ def load_image_folder(root: Path, size: int, channels: int = 3) -> LabeledImages
         raise DatasetError(f"{root}: class subfolders hold no images")
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return LabeledImages(pixels, torch.tensor(labels, dtype=torch.int64), classes, root.name, paths)
+
+
+def load_unlabeled(root: Path, size: int, channels: int, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Every image under `root` (recursive, hidden files skipped), fitted like a labeled folder, no labels needed.
+
+    Returns uint8 pixels (N, C, size, size), the files used, and "file: why" for each that could not
+    be read (skipped, so one bad file does not stop an audit). With `limit`, a seeded random subset
+    of the files is decoded.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p.name)
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if limit is not None and len(files) > limit:
+        keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        files = [files[i] for i in keep.tolist()]
+    mode = "L" if channels == 1 else "RGB"
+    heif_opener()  # .heic files count as images (is_image_name)
+    arrays, used, skipped = [], [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                arrays.append(np.asarray(_to_square(img, size, mode)).reshape(size, size, channels))
+            used.append(str(path))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            skipped.append(f"{path}: {exc}")
+    if not arrays:
+        raise DatasetError(f"{root}: no readable image files ({' '.join(sorted(IMAGE_SUFFIXES))})"
+                           + (f"; e.g. {skipped[0]}" if skipped else ""))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return pixels, used, skipped
 
 
 def load_shards(spec: str, size: int, channels: int = 3) -> LabeledImages:

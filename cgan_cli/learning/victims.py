@@ -67,7 +67,12 @@ def _autocast(cfg: VictimConfig):
     return autocast_context(torch.device(cfg.device), cfg.precision)
 
 
-def train_victim(
+def train_victim(*args, **kwargs) -> VictimResult:
+    """`fit_victim`'s result without the network: what verify and the benchmarks record."""
+    return fit_victim(*args, **kwargs)[1]
+
+
+def fit_victim(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     test_x: torch.Tensor,
@@ -75,15 +80,17 @@ def train_victim(
     num_classes: int,
     cfg: VictimConfig,
     batch_hook: BatchHook | None = None,
-) -> VictimResult:
-    """Train a fresh victim on float images in [0, 1]; report clean-test accuracy per epoch.
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, VictimResult]:
+    """Train a fresh victim on float images in [0, 1]; report clean-test accuracy per epoch; return it too.
 
     `batch_hook(x, y, model) -> x` lets a countermeasure change each training batch (mixup, cutout,
-    adversarial training) without a second training loop.
+    adversarial training) without a second training loop. `model` (fine-tuning a trained victim, or
+    an architecture not in nets.py) replaces the fresh `cfg.arch` network.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_victim(cfg.arch, train_x.shape[1], num_classes).to(cfg.device)
+    model = (model if model is not None else build_victim(cfg.arch, train_x.shape[1], num_classes)).to(cfg.device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = -(-len(train_y) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
@@ -118,4 +125,4 @@ def train_victim(
         model.eval()
         with _autocast(cfg):
             curve.append(accuracy(model, test_x, test_y, device=cfg.device))
-    return VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)
+    return model, VictimResult(curve[-1], curve, train_acc, time.perf_counter() - start)

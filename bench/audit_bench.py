@@ -1,0 +1,301 @@
+"""Measure `cgan audit` on Fashion-MNIST: victims trained on protected / mixed / clean data, exported to TorchScript.
+
+Two phases, so the slow one (training) runs once and the audits can be redone:
+
+    nice -n 10 .venv/bin/python bench/audit_bench.py train   # victims -> runs/audit-bench/models/*.pt
+    nice -n 10 .venv/bin/python bench/audit_bench.py audit   # every model -> runs/audit-bench/results.json
+    .venv/bin/python bench/audit_bench.py table              # the markdown table in docs/audit.md
+
+`train` protects a seeded training subset with the shipped weights/cgan-fashion-mnist.safetensors at
+8/255 THROUGH THE ENGINE (`ProtectEngine.protect_batch`, what `cgan protect` runs), trains victims
+(`learning.victims.fit_victim`) and saves them with torch.jit.script (torch.jit.trace for ResNet-18).
+Architectures: the repo's SmallCNN and ResNet-18 and two that are not in this repo (LeNet: 5x5
+convs, average pooling, no BatchNorm; an MLP on the flattened pixels). `audit` writes 2,000 clean
+test images as PNG files and runs `cgan audit`'s own function on every saved model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cgan_cli.core.engine import EngineConfig, ProtectEngine  # noqa: E402
+from cgan_cli.learning.config import VictimConfig  # noqa: E402
+from cgan_cli.learning.countermeasures import parse_countermeasure  # noqa: E402
+from cgan_cli.learning.data import load_fashion_mnist  # noqa: E402
+from cgan_cli.learning.verify import protect_with_engine, subsample  # noqa: E402
+from cgan_cli.learning.victims import fit_victim  # noqa: E402
+
+WEIGHTS = ROOT / "weights" / "cgan-fashion-mnist.safetensors"
+OUT = ROOT / "runs" / "audit-bench"
+MODELS = OUT / "models"
+
+
+class LeNet(nn.Module):
+    """Not in this repo: 5x5 convolutions, average pooling, ReLU, no normalisation layers."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.AvgPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """Not in this repo: two hidden layers on the flattened 28 x 28 image."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10, side: int = 28) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, 256), nn.ReLU(),
+                                 nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AllConv(nn.Module):
+    """Not in this repo: strided 3x3 convolutions instead of pooling, BatchNorm, GELU, global average pool."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 24) -> None:
+        super().__init__()
+        layers, c_in = [], channels
+        for c_out, stride in ((width, 1), (2 * width, 2), (2 * width, 1), (4 * width, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.GELU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def fresh(arch: str) -> nn.Module | None:
+    """None = the repo's own victim (fit_victim builds cfg.arch)."""
+    return {"lenet": LeNet, "mlp": MLP, "allconv": AllConv}.get(arch, lambda: None)()
+
+
+def export(model: nn.Module, arch: str, path: Path) -> None:
+    model = model.cpu().eval()
+    if arch in ("resnet18", "allconv"):  # traced, to show both exporters work
+        scripted = torch.jit.trace(model, torch.rand(2, 1, 28, 28))
+    else:
+        scripted = torch.jit.script(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(scripted, str(path))
+
+
+def train_phase(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    train = subsample(load_fashion_mnist("train"), args.limit, 0)
+    test = subsample(load_fashion_mnist("test"), 1000, 1)  # per-epoch accuracy only
+    engine = ProtectEngine(EngineConfig(WEIGHTS, "cpu", "fp32", args.epsilon, batch_size=256))
+    start = time.perf_counter()
+    protected = protect_with_engine(engine, train.pixels)
+    print(f"protected {len(train)} images through the engine in {time.perf_counter() - start:.1f}s", flush=True)
+    mix = train.pixels.clone()
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))[: len(train) // 10]
+    mix[chosen] = protected[chosen]
+    jpeg75 = parse_countermeasure("jpeg:75").apply
+    blur1 = parse_countermeasure("blur:1").apply
+    test_x, records = test.floats(), {}
+    index_path = MODELS / "index.json"
+    if index_path.is_file():
+        records = json.loads(index_path.read_text())
+
+    def run(name: str, arch: str, pixels: torch.Tensor, seed: int, epochs: int, n: int | None = None,
+            start_from: nn.Module | None = None, lr: float = 0.05, test_pixels=None) -> nn.Module:
+        if name in records and (MODELS / f"{name}.pt").is_file() and not args.redo:
+            print(f"{name}: kept", flush=True)
+            return None
+        n = n or len(pixels)
+        cfg = VictimConfig(arch=arch if arch in ("cnn", "resnet18") else "cnn", epochs=epochs, batch_size=128, lr=lr,
+                           seed=seed, device="cpu")
+        t0 = time.perf_counter()
+        tx = test_x if test_pixels is None else test_pixels
+        model, res = fit_victim(pixels[:n].float().div(255), train.labels[:n], tx, test.labels, 10, cfg,
+                                model=start_from if start_from is not None else fresh(arch))
+        export(model, arch, MODELS / f"{name}.pt")
+        records[name] = {"arch": arch, "train_images": n, "epochs": epochs, "seed": seed, "lr": lr,
+                         "clean_test_accuracy": res.test_accuracy, "train_accuracy": res.train_accuracy,
+                         "seconds": time.perf_counter() - t0}
+        index_path.write_text(json.dumps(records, indent=2) + "\n")
+        print(f"{name}: clean test acc {res.test_accuracy:.1%}, train acc {res.train_accuracy:.1%}, "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
+        return model
+
+    e = args.epochs
+    base = run("protected-cnn", "cnn", protected, 0, e)
+    for arch in ("lenet", "mlp"):
+        run(f"protected-{arch}", arch, protected, 0, e)
+    run("mix10-cnn", "cnn", mix, 0, e)
+    for arch in ("cnn", "lenet", "mlp"):
+        run(f"clean-{arch}-s0", arch, train.pixels, 0, e)
+    # countermeasures: the protected-trained CNN fine-tuned on a JPEG-75 / blurred copy of its data (the
+    # victim's preprocessing, so its test images pass through it too)
+    if base is None:
+        base = _unscript_cnn(torch.jit.load(str(MODELS / "protected-cnn.pt")))
+    for cm_name, cm in (("jpeg75", jpeg75), ("blur1", blur1)):
+        run(f"protected-cnn-ft-{cm_name}", "cnn", cm(protected), 1, args.ft_epochs, start_from=_unscript_cnn(base), lr=0.02,
+            test_pixels=cm(test.pixels).float().div(255))
+    for seed in range(1, args.clean_seeds):  # cheap clean models for the false-positive rate
+        run(f"clean-mlp-s{seed}", "mlp", train.pixels, seed, e)
+    run("protected-allconv", "allconv", protected, 0, e)
+    run("clean-allconv-s0", "allconv", train.pixels, 0, e)
+    for seed in range(1, args.clean_seeds_conv):
+        for arch in ("lenet", "allconv", "cnn"):
+            run(f"clean-{arch}-s{seed}", arch, train.pixels, seed, e)
+    if args.resnet_limit:
+        run("protected-resnet18", "resnet18", protected, 0, args.resnet_epochs, n=args.resnet_limit)
+
+
+def _unscript_cnn(scripted: nn.Module) -> nn.Module:
+    """A plain SmallCNN holding a (scripted or plain) SmallCNN's weights: a fresh copy to fine-tune."""
+    from cgan_cli.learning.nets import SmallCNN
+
+    model = SmallCNN(1, 10)
+    model.load_state_dict(scripted.state_dict())
+    return model
+
+
+def write_test_pngs(n: int, folder: Path) -> Path:
+    from PIL import Image
+
+    test = subsample(load_fashion_mnist("test"), n, 2)
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(test.pixels):
+        Image.fromarray(img[0].numpy()).save(folder / f"test{i:05d}.png")
+    return folder
+
+
+def audit_phase(args: argparse.Namespace) -> None:
+    from cgan_cli.learning.audit import audit
+    from cgan_cli.learning.config import AuditConfig
+
+    torch.set_num_threads(args.threads)
+    images = write_test_pngs(args.images, OUT / "test-png")
+    records = json.loads((MODELS / "index.json").read_text())
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() and not args.redo else {}
+    for name, rec in records.items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        if name in results and not args.redo:
+            continue
+        extra = {} if args.control_sets is None else {"control_sets": args.control_sets}
+        cfg = AuditConfig(model=MODELS / f"{name}.pt", weights=WEIGHTS, images=images, epsilon=args.epsilon,
+                          limit=args.images, **extra)
+        t0 = time.perf_counter()
+        report = audit(cfg)
+        seconds = time.perf_counter() - t0
+        results[name] = {**rec, "p_value": report["p_value"], "flagged": report["flagged"], "effect": report["effect"],
+                         "effect_z": report["effect_z"], "audit_seconds": seconds,
+                         "code_ranks": [c["controls_below"] for c in report["codes"]], "controls": report["controls"]["count"],
+                         "matched_classes": [c["matched_class"] for c in report["codes"]]}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{name:28s} p={report['p_value']:.2e} effect={report['effect']:+.3f} z={report['effect_z']:+.1f} "
+              f"{'FLAGGED' if report['flagged'] else 'not flagged'}  ({seconds:.1f}s)", flush=True)
+
+
+def table_phase(args: argparse.Namespace) -> None:
+    """Markdown rows for docs/audit.md from results.json, and the pooled code ranks of the clean models."""
+    results = json.loads((OUT / "results.json").read_text())
+    print("| model | trained on | arch | clean test acc. | p-value | flagged at 0.01 | effect | codes beating all controls |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        data = name.split("-")[0] if not name.startswith("protected-cnn-ft") else "protected, then fine-tuned on " + name.rsplit("-", 1)[1]
+        best = sum(rank == r.get("controls", 2 * len(r["code_ranks"])) for rank in r["code_ranks"])
+        print(f"| {name} | {data} ({r['train_images']} img, {r['epochs']} ep) | {r['arch']} | {r['clean_test_accuracy']:.1%} | "
+              f"{r['p_value']:.2g} | {'yes' if r['flagged'] else 'no'} | {r['effect']:+.3f} | {best}/{len(r['code_ranks'])} |")
+    clean = {n: r for n, r in results.items() if n.startswith("clean-")}
+    if clean:
+        ps = sorted(r["p_value"] for r in clean.values())
+        print(f"\nclean models: {len(ps)}, flagged at 0.01: {sum(p < 0.01 for p in ps)}; p-values: "
+              + ", ".join(f"{p:.2f}" for p in ps))
+        ranks = [rank for r in clean.values() for rank in r["code_ranks"]]
+        print(f"pooled code ranks among controls (uniform on 0..M under the null): mean {np.mean(ranks):.2f}, "
+              f"{len(ranks)} codes; histogram {np.bincount(ranks).tolist()}")
+
+
+def unrelated_phase(args: argparse.Namespace) -> None:
+    """The flagged protected CNN audited with a generator it never saw (fresh init, tiles scaled to the shipped spread)."""
+    from dataclasses import replace
+
+    from cgan_cli.core.weights import load_generator, save_generator
+    from cgan_cli.learning.audit import audit
+    from cgan_cli.learning.config import AuditConfig
+
+    torch.set_num_threads(args.threads)
+    shipped, meta = load_generator(WEIGHTS)
+    torch.manual_seed(123)
+    fresh_gen = type(shipped)(**meta.arch_params)
+    with torch.no_grad():
+        fresh_gen.tiles.mul_(shipped.tiles.std() / fresh_gen.tiles.std())
+    path = OUT / "unrelated-generator.safetensors"
+    save_generator(path, fresh_gen.eval(), replace(meta, recipe={"note": "random init: a generator the victims never saw"}))
+    report = audit(AuditConfig(model=MODELS / "protected-cnn.pt", weights=path, images=write_test_pngs(args.images, OUT / "test-png"),
+                               limit=args.images))
+    (OUT / "unrelated-protected-cnn.json").write_text(json.dumps(report) + "\n")
+    print(f"protected-cnn vs an unrelated generator: p={report['p_value']:.2g} effect={report['effect']:+.3f}")
+
+
+def long_phase(args: argparse.Namespace) -> None:
+    """SmallCNN for 12 epochs on the 10% mix and on clean data only, then audited: does the signal grow with training?"""
+    from cgan_cli.learning.audit import audit
+    from cgan_cli.learning.config import AuditConfig
+
+    torch.set_num_threads(args.threads)
+    train = subsample(load_fashion_mnist("train"), args.limit, 0)
+    test = subsample(load_fashion_mnist("test"), 1000, 1)
+    protected = protect_with_engine(ProtectEngine(EngineConfig(WEIGHTS, "cpu", "fp32", args.epsilon, batch_size=256)), train.pixels)
+    mix = train.pixels.clone()
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))[: len(train) // 10]
+    mix[chosen] = protected[chosen]
+    images = write_test_pngs(args.images, OUT / "test-png")
+    for name, pixels in (("mix10-cnn-12ep", mix), ("clean-cnn-12ep", train.pixels)):
+        model, res = fit_victim(pixels.float().div(255), train.labels, test.floats(), test.labels, 10,
+                                VictimConfig(arch="cnn", epochs=12, batch_size=128, lr=0.05, seed=0, device="cpu"))
+        export(model, "cnn", MODELS / f"{name}.pt")
+        report = audit(AuditConfig(model=MODELS / f"{name}.pt", weights=WEIGHTS, images=images, limit=args.images))
+        (OUT / f"{name}.json").write_text(json.dumps(report) + "\n")
+        print(f"{name}: clean test acc {res.test_accuracy:.1%}, p={report['p_value']:.2g}, effect={report['effect']:+.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["train", "audit", "table", "unrelated", "long"])
+    ap.add_argument("--limit", type=int, default=10000, help="training images (seeded subset)")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--resnet-limit", type=int, default=0, help="0 = no ResNet-18 victim (too slow for the shared 2-core CPU)")
+    ap.add_argument("--resnet-epochs", type=int, default=3)
+    ap.add_argument("--clean-seeds", type=int, default=10, help="clean MLPs (seeds 0..N-1)")
+    ap.add_argument("--clean-seeds-conv", type=int, default=2, help="clean LeNet / AllConv / SmallCNN seeds")
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--images", type=int, default=2000, help="clean test images the audit uses")
+    ap.add_argument("--control-sets", type=int, default=None, help="control sets (default: the CLI's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", default=None, help="audit only models whose name contains one of these")
+    ap.add_argument("--redo", action="store_true")
+    args = ap.parse_args()
+    {"train": train_phase, "audit": audit_phase, "table": table_phase, "unrelated": unrelated_phase, "long": long_phase}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
