@@ -43,7 +43,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cgan_cli.protect.sinks import FolderSink
+try:
+    from cgan_cli.protect.sinks import FolderSink
+except ImportError:  # an older tree (--baseline-tree): flat modules
+    from cgan_cli.sinks import FolderSink
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = ROOT / "weights" / "cgan-rgb-default.safetensors"
