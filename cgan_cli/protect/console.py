@@ -82,7 +82,8 @@ def _ignored_line(cfg: ProtectConfig, summary: RunSummary) -> str | None:
     ignored = summary.counts.get("ignored", 0)
     if not ignored:
         return None
-    return f"ignored {ignored} file{'s' if ignored != 1 else ''} that are no inputs (not images, hidden, or inside --out): see {cfg.out / MANIFEST_NAME}"
+    what = "file that is no input" if ignored == 1 else "files that are no inputs"
+    return f"ignored {ignored} {what} (not images, hidden, or inside --out): see {cfg.out / MANIFEST_NAME}"
 
 
 def _run(cfg: ProtectConfig, err: Console, tty: bool) -> tuple[RunSummary, bool]:
