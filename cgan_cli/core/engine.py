@@ -18,7 +18,8 @@ Mask: with a mask floor below 1 (the weights' recipe, or --mask-floor), the nois
 scaled by the local activity of the generator's input (core/noise.activity_mask): less in flat
 regions, the full budget in texture; the budget stays exact.
 
-Both `cgan protect` and `cgan verify` protect through `ProtectEngine.protect_batch`, so what verify
+Both `cgan protect` and `cgan verify` protect through `ProtectEngine.protect_batch_coded` (which
+`protect_batch` wraps), so what verify
 measures is what protect ships. The engine leaves process-wide torch state (threads, seeds) alone.
 """
 

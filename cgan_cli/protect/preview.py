@@ -55,6 +55,8 @@ def preview(cfg: PreviewConfig, emit: Callable[[str], None] = print) -> Path:
     for sample in iter_samples(list(cfg.inputs)):
         if len(rows) >= cfg.count:
             break
+        if sample.ignored is not None:  # not an image (by content), hidden: not an input here either
+            continue
         try:
             decoded = decode_image(sample.read(), sample.id)
         except (ImageError, OSError) as exc:
