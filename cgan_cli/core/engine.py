@@ -19,8 +19,8 @@ scaled by the local activity of the generator's input (core/noise.activity_mask)
 regions, the full budget in texture; the budget stays exact.
 
 Both `cgan protect` and `cgan verify` protect through `ProtectEngine.protect_batch_coded` (which
-`protect_batch` wraps), so what verify
-measures is what protect ships. The engine leaves process-wide torch state (threads, seeds) alone.
+`protect_batch` wraps), so what verify measures is what protect ships. The engine leaves
+process-wide torch state (threads, seeds) alone.
 """
 
 from __future__ import annotations
