@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -207,12 +208,13 @@ def _ctrl_c(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path) -> None:
-    photos = _photos(tmp_path / "photos")
-    proc = _start(["protect", str(photos), "--out", str(tmp_path / "out"), "--weights", str(SHIPPED), "--workers", "2"])
-    time.sleep(1.5)  # past the checks, inside torch import and the workers' start-up
+    photos = _photos(tmp_path / "photos", count=60, size=(384, 512))  # more work than 1.5 s, even on an idle machine
+    args = ["protect", str(photos), "--out", str(tmp_path / "out"), "--weights", str(SHIPPED), "--workers", "2", "--full-res"]
+    proc = _start(args)
+    time.sleep(1.5)  # past the checks, inside torch import and the workers' start-up (or just after)
     code, err = _ctrl_c(proc)
     assert code == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted: 0 protected; rerun the same command to resume"
+    assert re.fullmatch(r"interrupted: \d+ protected; rerun the same command to resume", err.strip().splitlines()[-1]), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
