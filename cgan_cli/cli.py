@@ -107,7 +107,6 @@ def protect_command(
     Exit code 0 when every input was protected, skipped (resume) or ignored, 1 when any failed, 2 for usage
     errors, 130 when interrupted (rerun the same command to resume).
     """
-    from cgan_cli.core.errors import UsageError
     from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line, preflight
 
     cfg = ProtectConfig(
@@ -166,7 +165,6 @@ def preview_command(
 
     The protected column is what `cgan protect` writes with the same settings. Nothing else is written.
     """
-    from cgan_cli.core.errors import UsageError
 
     cfg = PreviewConfig(tuple(src), out, weights, epsilon, device, full_res, count, amplify, height)
     try:

@@ -25,7 +25,6 @@ from cgan_cli.core.classes import ClassIndex, normalize_name
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.sources import Sample, folder_samples
 
-LABEL_MODES = ("folders", "cls")  # anything else given to --labels is a CSV file
 CLS_SUFFIXES = ("cls", "class", "label")  # WebDataset's class-label member suffixes
 
 

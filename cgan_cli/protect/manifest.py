@@ -58,6 +58,11 @@ class ManifestRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False, allow_nan=False)
 
+    def mark_failed(self, error: str) -> None:
+        """No output after all (its write failed): the record keeps nothing that describes one."""
+        self.status, self.error = "failed", error
+        self.linf = self.psnr = self.ssim = self.written_linf = self.written_psnr = self.bytes_out = self.sha256_out = None
+
     def round_measurements(self) -> None:
         """4 decimals of L-inf and 3 of PSNR: enough to read, stable across platforms."""
         for name, digits in (("linf", 4), ("written_linf", 4), ("psnr", 3), ("written_psnr", 3), ("ssim", 5)):

@@ -160,8 +160,8 @@ def finish(item: Prepared, protected: Protected | None, options: EncodeOptions, 
             rec.output = sink.write(item.sample, payload)
             payload = None
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
-        rec.status, rec.error, payload = "failed", f"cannot write output: {exc}", None
-        rec.linf = rec.psnr = rec.ssim = rec.written_linf = rec.written_psnr = rec.bytes_out = rec.sha256_out = None
+        rec.mark_failed(f"cannot write output: {exc}")
+        payload = None
     rec.seconds = round(item.seconds + t_engine + time.perf_counter() - t0, 4)
     rec.round_measurements()
     return rec, payload
@@ -428,7 +428,7 @@ def protect_stream(
                 try:
                     rec.output = sink.write(sample, payload)
                 except OSError as exc:
-                    rec.status, rec.error = "failed", f"cannot write output: {exc}"
+                    rec.mark_failed(f"cannot write output: {exc}")
             rec.settings = settings
             on_record(rec)
     finally:

@@ -38,6 +38,7 @@ from cgan_cli.protect.labels import (
     csv_labeler,
     folder_class_map,
     folder_labeled_samples,
+    read_label_csv,
 )
 from cgan_cli.protect.manifest import (
     MANIFEST_NAME,
@@ -103,6 +104,8 @@ def check_labels(cfg: ProtectConfig, meta: WeightsMeta) -> dict[str, dict[str, i
     if kind == "cls" and not cfg.shard_mode:
         raise UsageError("--labels cls reads each WebDataset sample's cls member; the inputs are not shards "
                          "(use --labels folders for class folders, or --labels FILE.csv)")
+    if kind == "csv":
+        read_label_csv(Path(str(cfg.labels)))  # a malformed file is a usage error before anything is written
     if kind != "folders":
         return {}
     if cfg.shard_mode:
@@ -145,16 +148,20 @@ def inside_out(out: Path) -> Guard:
     return reason
 
 
+def file_samples(cfg: ProtectConfig, meta: WeightsMeta) -> tuple[Iterable[Sample], dict[str, dict[str, int]]]:
+    """The samples of a folder / file / stdin run, labeled as --labels says, and the --labels folders map."""
+    if cfg.labels_kind == "folders":
+        label_map = check_labels(cfg, meta)
+        return chain.from_iterable(folder_labeled_samples(Path(src), m) for src, m in label_map.items()), label_map
+    samples: Iterable[Sample] = iter_samples(list(cfg.inputs), sys.stdin)
+    if cfg.labels_kind == "csv":
+        samples = map(csv_labeler(Path(str(cfg.labels)), ClassIndex.from_meta(meta)), samples)
+    return samples, {}
+
+
 def plan_files(cfg: ProtectConfig, engine: ProtectEngine) -> Plan:
     summary = new_summary(cfg, engine)
-    samples: Iterable[Sample]
-    if cfg.labels_kind == "folders":
-        summary.label_map = check_labels(cfg, engine.meta)
-        samples = chain.from_iterable(folder_labeled_samples(Path(src), m) for src, m in summary.label_map.items())
-    else:
-        samples = iter_samples(list(cfg.inputs), sys.stdin)
-        if cfg.labels_kind == "csv":
-            samples = map(csv_labeler(Path(str(cfg.labels)), ClassIndex.from_meta(engine.meta)), samples)
+    samples, summary.label_map = file_samples(cfg, engine.meta)
     if cfg.single_file:  # one image in, the file --out names out: no folder, so no manifest or summary.json
         return Plan(samples, FileSink(cfg.out), summary, None, ResumeIndex(), None)
     settings = run_settings(engine, cfg.encode_options(), cfg.labels_kind)
@@ -344,14 +351,26 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
     options = cfg.encode_options()
     resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality,
                                                                      cfg.labels_kind, mask_floor_for(cfg.mask_floor, meta.recipe)))
-    for sample in iter_samples(list(cfg.inputs), sys.stdin):
-        if sample.ignored is not None:
+    samples, summary.label_map = file_samples(cfg, meta)
+    inside = None if cfg.single_file else inside_out(cfg.out)
+    for sample in samples:
+        ignored = sample.ignored or (inside(sample) if inside else None)
+        if ignored is not None:
             summary.add("ignored")
-            emit(f"ignore\t{sample.id}\t{sample.ignored}")
+            emit(f"ignore\t{sample.id}\t{ignored}")
+            continue
+        if sample.label_error is not None:
+            summary.add("failed")
+            emit(f"fail\t{sample.id}\t{sample.label_error}")
             continue
         rel = output_name(sample.rel_out, options)
         done = resume.lookup(rel, lambda r: (cfg.out / r).is_file())
-        skip = done is not None and hashlib.sha256(sample.read()).hexdigest() == done.sha256_in
+        try:
+            skip = done is not None and hashlib.sha256(sample.read()).hexdigest() == done.sha256_in
+        except OSError as exc:
+            summary.add("failed")
+            emit(f"fail\t{sample.id}\tcannot read: {exc.strerror or exc}")
+            continue
         summary.add("skipped" if skip else "protected")
         emit(f"{'skip' if skip else 'protect'}\t{sample.id}\t{cfg.out if cfg.single_file else cfg.out / rel}")
     return asdict(summary)

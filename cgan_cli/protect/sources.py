@@ -71,7 +71,7 @@ def check_out_not_inside(inputs: Iterable[str], out: Path) -> None:
 
     Writing protected copies into the tree being read would make later runs protect their own
     output and could replace originals; the check runs before anything is read or written.
-    Paths read from stdin are checked one by one as they arrive (they fail, the run goes on).
+    Paths read from stdin that lie inside --out are recorded as ignored as they arrive (run.inside_out).
     """
     out_r = Path(out).resolve()
     for src in inputs:
