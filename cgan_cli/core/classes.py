@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cgan_cli.core.errors import UsageError
+
 
 def normalize_name(name: str) -> str:
     """Class names compare case-blind, with spaces, underscores and slashes read as hyphens."""
@@ -41,10 +43,19 @@ class ClassIndex:
         known = ", ".join(self.class_names) if self.class_names else "none: use indices"
         return f"label {text!r} is not one of this generator's classes ({known}) nor an index 0..{self.num_codes - 1}"
 
-    def map_classes(self, names: list[str]) -> list[int] | None:
-        """A dataset's class order -> codes: by name when every name matches, else by position when
-        the counts agree (like torchvision's ImageFolder), else None."""
+    def map_classes(self, names: list[str], what: str) -> list[int]:
+        """A dataset's sorted class names -> codes: by name when every name matches, by position when
+        none does and the counts agree (like torchvision's ImageFolder); UsageError naming `what` else."""
         by_name = {normalize_name(n): i for i, n in enumerate(self.class_names)}
-        if self.class_names and all(normalize_name(n) in by_name for n in names):
+        unknown = [n for n in names if normalize_name(n) not in by_name]
+        if self.class_names and not unknown:
             return [by_name[normalize_name(n)] for n in names]
-        return list(range(len(names))) if len(names) == self.num_codes else None
+        if self.class_names and len(unknown) < len(names):
+            raise UsageError(f"{what}: class folder(s) {', '.join(unknown)} match none of the generator's classes "
+                             f"({', '.join(self.class_names)}); rename them, or give the labels with --labels FILE.csv")
+        if len(names) != self.num_codes:
+            known = f"its class names ({', '.join(self.class_names)}) nor, " if self.class_names else ""
+            raise UsageError(f"{what} has {len(names)} class folders but the generator has {self.num_codes} codes: the "
+                             f"names match neither {known}by position, its number of codes; name the folders after the "
+                             "classes, or give the labels with --labels FILE.csv")
+        return list(range(len(names)))

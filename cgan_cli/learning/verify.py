@@ -209,10 +209,7 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 
 def label_codes(meta: WeightsMeta, train: LabeledImages) -> torch.Tensor:
     """The generator code of every training image's true label (what `cgan protect --labels` uses)."""
-    mapping = ClassIndex.from_meta(meta).map_classes(train.class_names)
-    if mapping is None:
-        raise VerifyError(f"--labels: the data's classes ({', '.join(train.class_names)}) match neither the generator's class "
-                          f"names ({', '.join(meta.class_names)}) nor its number of codes")
+    mapping = ClassIndex.from_meta(meta).map_classes(train.class_names, "--labels: the data")
     return torch.tensor(mapping, dtype=torch.long)[train.labels]
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
-from cgan_cli.core.classes import ClassIndex, normalize_name
+from cgan_cli.core.classes import ClassIndex
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.sources import Sample, folder_samples
 
@@ -43,24 +43,7 @@ def folder_class_map(root: Path, classes: ClassIndex) -> dict[str, int]:
     folders = sorted(e.name for e in Path(root).iterdir() if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise UsageError(f"--labels folders: {root} has no class subfolders (expected one folder per class)")
-    if classes.class_names:
-        by_name = {normalize_name(n): i for i, n in enumerate(classes.class_names)}
-        matched = {f: by_name.get(normalize_name(f)) for f in folders}
-        unknown = [f for f, code in matched.items() if code is None]
-        if not unknown:
-            return {f: int(code) for f, code in matched.items()}  # type: ignore[arg-type]
-        if len(unknown) < len(folders):
-            raise UsageError(
-                f"--labels folders: folder(s) {', '.join(unknown)} in {root} match none of the generator's classes "
-                f"({', '.join(classes.class_names)}); rename them, or give the labels with --labels FILE.csv"
-            )
-    if len(folders) != classes.num_codes:
-        names = f" and its class names ({', '.join(classes.class_names)}) match none of them" if classes.class_names else ""
-        raise UsageError(
-            f"--labels folders: {root} has {len(folders)} class folders but the generator has {classes.num_codes} codes{names}; "
-            f"name the folders after the classes, or give the labels with --labels FILE.csv"
-        )
-    return {f: i for i, f in enumerate(folders)}
+    return dict(zip(folders, classes.map_classes(folders, f"--labels folders: {root}")))
 
 
 def folder_labeled_samples(root: Path, mapping: dict[str, int]) -> Iterator[Sample]:
