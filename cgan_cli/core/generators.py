@@ -75,8 +75,7 @@ class ConfounderGenerator(nn.Module):
         The encoder is skipped, so the pattern follows the given code, not a guess: what protecting with
         known labels needs, and what `cgan audit` shows a model to see if it learned the shortcut.
         """
-        codes = torch.as_tensor(code, device=x.device).expand(x.shape[0])
-        return self.tiled_noise(x, self.tiles[codes])
+        return self.forward(x, torch.as_tensor(code, device=x.device).expand(x.shape[0]))
 
 
 def as_code_weights(codes: torch.Tensor, num_codes: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from cgan_cli import __version__
 from cgan_cli.core.engine import working_shape
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.formats import LUMA
-from cgan_cli.core.noise import budget_levels
+from cgan_cli.core.noise import NO_MASK, activity_mask, budget_levels, mask_floor_for
 from cgan_cli.core.shipped import default_weights
 from cgan_cli.core.weights import file_sha256, load_generator
 from cgan_cli.learning.config import AuditConfig
@@ -104,8 +104,8 @@ def load_predict_hook(spec: str) -> Predict:
         else:
             sys.path.insert(0, str(Path.cwd()))
             module = importlib.import_module(target)
-    except ImportError as exc:
-        raise AuditError(f"--predict {spec!r}: cannot import {target} ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's own code: any error it raises is theirs to fix
+        raise AuditError(f"--predict {spec!r}: cannot import {target} ({type(exc).__name__}: {exc})") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise AuditError(f"--predict {spec!r}: {target} has no callable {name!r}")
@@ -160,15 +160,13 @@ class Patterns:
     """Adds pattern p (codes first, then controls) to a uint8 batch, in whole levels within epsilon, as protect does."""
 
     def __init__(self, generator: torch.nn.Module, meta, epsilon: float, size: int, control_sets: int, seed: int) -> None:
-        if not hasattr(generator, "noise_for_code"):
-            raise AuditError(f"generator architecture {meta.arch} has no per-code patterns to audit")
         self.generator, self.meta = generator, meta
         self.codes = int(generator.num_codes)
         if self.codes < 2:
             raise AuditError(f"the generator has {self.codes} code; the test compares at least 2")
         self.controls = control_tiles(generator.tiles.detach(), control_sets, seed)
         self.epsilon, self.levels = epsilon, budget_levels(epsilon, 255)
-        self.size = size
+        self.mask_floor = mask_floor_for(None, meta.recipe)  # as the engine: the mask the weights were trained with
         self.gen_shape = working_shape(size, size, meta.working_size)
 
     def __len__(self) -> int:
@@ -178,15 +176,17 @@ class Patterns:
     def apply(self, pixels: torch.Tensor, p: int) -> torch.Tensor:
         """uint8 (B, C, S, S) -> float [0, 1] of the same shape with pattern p added."""
         x = pixels.float() / 255.0
+        if tuple(x.shape[-2:]) != self.gen_shape:
+            x = F.interpolate(x, size=self.gen_shape, mode="bilinear", antialias=True, align_corners=False)
         xg = _to_channels(x, self.meta.channels, average=False)
-        if tuple(xg.shape[-2:]) != self.gen_shape:
-            xg = F.interpolate(xg, size=self.gen_shape, mode="bilinear", antialias=True, align_corners=False)
         if p < self.codes:
             direction = self.generator.noise_for_code(xg, p)
         else:
             tile = self.controls[p - self.codes]
             direction = self.generator.tiled_noise(xg, tile.expand(len(xg), *tile.shape))
         direction = _to_channels(direction.float().clamp(-1, 1), pixels.shape[1], average=True)
+        if self.mask_floor < NO_MASK:
+            direction = direction * activity_mask(x, self.mask_floor)
         if tuple(direction.shape[-2:]) != tuple(pixels.shape[-2:]):
             direction = F.interpolate(direction, size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)
         levels = torch.round(direction * self.epsilon).clamp(-self.levels, self.levels)
@@ -255,10 +255,13 @@ def measure(predict: Predict, pixels: torch.Tensor, patterns: Patterns, cfg: Aud
             try:
                 with torch.inference_mode():
                     scores = predict((x - mean) / std)
-            except (RuntimeError, ValueError, TypeError) as exc:
-                raise AuditError(f"the model failed on a {tuple(x.shape)} float batch ({str(exc).strip().splitlines()[0]}); "
+                probs, outputs = to_probabilities(scores, outputs)
+            except AuditError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a foreign model or API: whatever it raises, say so plainly
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise AuditError(f"the model failed on a {tuple(x.shape)} float batch ({first}); "
                                  "check --size, --channels, --mean/--std") from exc
-            probs, outputs = to_probabilities(scores, outputs)
             if len(probs) != len(x):
                 raise AuditError(f"the model returned {len(probs)} rows for a batch of {len(x)} images")
             probs = probs.double()

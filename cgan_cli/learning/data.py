@@ -1,7 +1,8 @@
-"""Labeled image sets for `train` and `verify`: built-in Fashion-MNIST, class-per-subfolder trees.
+"""Image sets the learning side holds in memory: labeled ones for `train` and `verify` (built-in
+Fashion-MNIST, class-per-subfolder trees, WebDataset shards with `cls`) and unlabeled folders for `audit`.
 
-A `LabeledImages` holds uint8 pixels (N, C, H, W) in memory: the small, labeled sets that training
-and victim evaluation use fit easily (Fashion-MNIST train is 47 MB). Streaming protection of large
+A `LabeledImages` holds uint8 pixels (N, C, H, W) in memory: the small sets that training, victim
+evaluation and audits use fit easily (Fashion-MNIST train is 47 MB). Streaming protection of large
 collections does not go through here; it uses the source -> engine -> sink pipeline.
 """
 
@@ -125,8 +126,11 @@ def load_image_folder(root: Path, size: int, channels: int = 3) -> LabeledImages
         for path in sorted((root / cls).rglob("*")):
             if not is_image_name(path.name) or not path.is_file():
                 continue
-            with Image.open(path) as img:
-                arr = np.asarray(_to_square(img, size, mode))
+            try:
+                with Image.open(path) as img:
+                    arr = np.asarray(_to_square(img, size, mode))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise DatasetError(f"{path}: unreadable image ({exc}); fix or remove it") from exc
             arrays.append(arr.reshape(size, size, channels))
             labels.append(label)
             paths.append(str(path))
