@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 from cgan_cli.core.choices import check_epsilon
 from cgan_cli.core.device import autocast_context, resolve_device, resolve_precision
-from cgan_cli.core.formats import LUMA
 from cgan_cli.core.noise import (
     NO_MASK,
     NoiseAdder,
     activity_mask,
     as_tensor,
+    luma,
     mask_floor_for,
 )
 from cgan_cli.core.weights import file_sha256, load_generator
@@ -161,7 +161,7 @@ class ProtectEngine:
         if c_img == 1 and c_gen == 3:
             x = x.expand(-1, 3, -1, -1)
         elif c_img == 3 and c_gen == 1:
-            x = (x * torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = luma(x)
         num_codes = self.generator.num_codes
         with autocast_context(self.device, self.precision):
             if forced is not None and bool((forced >= 0).all()):

@@ -36,6 +36,11 @@ def mask_floor_for(override: float | None, recipe: dict) -> float:
     return float(override if override is not None else recipe.get("mask_floor", NO_MASK))
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) BT.601 luma, as PIL's convert("L") weighs the channels."""
+    return (x * torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
 def activity_mask(x: torch.Tensor, floor: float) -> torch.Tensor:
     """(B, C, h, w) image in [0, 1] -> (B, 1, h, w) noise scale in [floor, 1]: less in flat regions.
 
@@ -46,10 +51,9 @@ def activity_mask(x: torch.Tensor, floor: float) -> torch.Tensor:
     """
     if floor >= NO_MASK:
         return torch.ones_like(x[:, :1])
-    luma = x.mean(1, keepdim=True) if x.shape[1] != 3 else (
-        x * torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = x.mean(1, keepdim=True) if x.shape[1] != 3 else luma(x)
     pad = ACTIVITY_WINDOW // 2
-    padded = F.pad(luma, (pad, pad, pad, pad), mode="replicate")
+    padded = F.pad(gray, (pad, pad, pad, pad), mode="replicate")
     mean = F.avg_pool2d(padded, ACTIVITY_WINDOW, stride=1)
     mean_sq = F.avg_pool2d(padded * padded, ACTIVITY_WINDOW, stride=1)
     std = (mean_sq - mean * mean).clamp_min(0.0).sqrt()

@@ -36,8 +36,13 @@ from rich.table import Table
 from cgan_cli import __version__
 from cgan_cli.core.engine import working_shape
 from cgan_cli.core.errors import UsageError
-from cgan_cli.core.formats import LUMA
-from cgan_cli.core.noise import NO_MASK, activity_mask, budget_levels, mask_floor_for
+from cgan_cli.core.noise import (
+    NO_MASK,
+    activity_mask,
+    budget_levels,
+    luma,
+    mask_floor_for,
+)
 from cgan_cli.core.shipped import default_weights
 from cgan_cli.core.weights import file_sha256, load_generator
 from cgan_cli.learning.config import AuditConfig
@@ -153,7 +158,7 @@ def _to_channels(x: torch.Tensor, channels: int, average: bool) -> torch.Tensor:
         return x.expand(-1, 3, -1, -1)
     if average:
         return x.mean(1, keepdim=True)
-    return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return luma(x)
 
 
 class Patterns:

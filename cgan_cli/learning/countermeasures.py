@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from cgan_cli.core.choices import COUNTERMEASURES
-from cgan_cli.core.formats import LUMA
+from cgan_cli.core.noise import luma
 from cgan_cli.learning.distortions import gaussian_blur_float
 from cgan_cli.learning.victims import BatchHook
 
@@ -64,9 +64,7 @@ def grayscale(pixels: torch.Tensor) -> torch.Tensor:
         return pixels.clone()
     if pixels.shape[1] != 3:
         raise ValueError(f"grayscale needs 1 or 3 channels, got {pixels.shape[1]}")
-    weights = torch.tensor(LUMA).view(1, 3, 1, 1)
-    luma = (pixels.float() * weights).sum(dim=1, keepdim=True) / 255.0
-    return _to_uint8(luma).expand_as(pixels).contiguous()
+    return _to_uint8(luma(pixels.float()) / 255.0).expand_as(pixels).contiguous()
 
 
 def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:

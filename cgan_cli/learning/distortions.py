@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cgan_cli.core.formats import LUMA
+from cgan_cli.core.noise import luma
 from cgan_cli.learning.config import Distortions
 from cgan_cli.learning.victims import crop_flip
 
@@ -123,11 +123,6 @@ def gaussian_blur_float(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def blur(x: torch.Tensor, gen: torch.Generator, cfg: Distortions) -> torch.Tensor:
     """Gaussian blur, sigma uniform in [0.3, blur_max] px."""
     return gaussian_blur_float(x, _uniform(gen, 0.3, max(0.3, cfg.blur_max)))
-
-
-def luma(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) Rec. 601 luma."""
-    return (x * torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def grayscale(x: torch.Tensor, gen: torch.Generator, cfg: Distortions) -> torch.Tensor:
