@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from cgan_cli.core.errors import UsageError
 
@@ -29,6 +30,11 @@ class ClassIndex:
         """From a weights file's WeightsMeta: its class names and how many codes the generator has."""
         return cls(tuple(meta.class_names), int(meta.arch_params.get("num_codes", meta.num_classes)))
 
+    @cached_property
+    def by_name(self) -> dict[str, int]:
+        """Normalised class name -> code (built once: `code` runs once per labeled image)."""
+        return {normalize_name(n): i for i, n in enumerate(self.class_names)}
+
     def code(self, label: str) -> int | str:
         """The code for `label` (a class name or an index), or an error message."""
         text = label.strip()
@@ -37,19 +43,18 @@ class ClassIndex:
             if 0 <= index < self.num_codes:
                 return index
             return f"label {text} is outside this generator's codes 0..{self.num_codes - 1}"
-        by_name = {normalize_name(n): i for i, n in enumerate(self.class_names)}
-        if normalize_name(text) in by_name:
-            return by_name[normalize_name(text)]
+        code = self.by_name.get(normalize_name(text))
+        if code is not None:
+            return code
         known = ", ".join(self.class_names) if self.class_names else "none: use indices"
         return f"label {text!r} is not one of this generator's classes ({known}) nor an index 0..{self.num_codes - 1}"
 
     def map_classes(self, names: list[str], what: str) -> list[int]:
         """A dataset's sorted class names -> codes: by name when every name matches, by position when
         none does and the counts agree (like torchvision's ImageFolder); UsageError naming `what` else."""
-        by_name = {normalize_name(n): i for i, n in enumerate(self.class_names)}
-        unknown = [n for n in names if normalize_name(n) not in by_name]
+        unknown = [n for n in names if normalize_name(n) not in self.by_name]
         if self.class_names and not unknown:
-            return [by_name[normalize_name(n)] for n in names]
+            return [self.by_name[normalize_name(n)] for n in names]
         if self.class_names and len(unknown) < len(names):
             raise UsageError(f"{what}: class folder(s) {', '.join(unknown)} match none of the generator's classes "
                              f"({', '.join(self.class_names)}); rename them, or give the labels with --labels FILE.csv")

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
+from webdataset.tariterators import base_plus_ext
+
 from cgan_cli.core.classes import ClassIndex
 from cgan_cli.core.errors import UsageError
 from cgan_cli.protect.sources import Sample, folder_samples
@@ -118,10 +120,9 @@ GROUP_MEMBERS = 64  # a sample with more members than this is handed on without 
 
 
 def member_key(name: str) -> tuple[str, str]:
-    """WebDataset's split of a member name into (key, suffix): the key ends at the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), suffix
+    """webdataset's (key, suffix) of a member name; a name without a dot is its own key, with no suffix."""
+    key, suffix = base_plus_ext(name)
+    return (key, suffix) if key is not None else (name, "")
 
 
 def _group_code(members: list[Sample], classes: ClassIndex) -> int | str | None:
