@@ -112,3 +112,8 @@ def test_impossible_ranges_are_usage_errors(tmp_path) -> None:
                                       "--dist-jpeg-min", "90", "--dist-jpeg-max", "30", "--device", "cpu"])
     assert result.exit_code == 2 and "jpeg quality range" in result.output
     assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_every_registered_distortion_has_its_probability_field() -> None:
+    assert set(REGISTRY) == set(Distortions.PROBABILITIES)
+    assert all(getattr(Distortions.none(), name) == 0.0 for name in REGISTRY)

@@ -6,7 +6,7 @@ them in --help and to fill in options the user left out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -19,6 +19,8 @@ class Distortions:
     crop + flip are off by default: the pilot in docs/method.md has not shown a victim-measured gain
     from them yet, and the shipped generators were trained without them. `--dist-*` turns them on.
     """
+
+    PROBABILITIES = ("resize", "jpeg", "blur", "grayscale", "shift", "crop_flip")  # = distortions.REGISTRY's names
 
     resize: float = 0.0  # resize to resize_min..resize_max x the side on a random grid offset, and back
     resize_min: float = 0.25
@@ -36,8 +38,7 @@ class Distortions:
     @classmethod
     def none(cls) -> "Distortions":
         """Every probability 0: the protected image reaches the losses as written (clamped, rounded)."""
-        probabilities = ("resize", "jpeg", "blur", "grayscale", "shift", "crop_flip")
-        return cls(**{f.name: 0.0 for f in fields(cls) if f.name in probabilities})
+        return cls(**{name: 0.0 for name in cls.PROBABILITIES})
 
 
 @dataclass

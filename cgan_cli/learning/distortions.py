@@ -8,7 +8,7 @@ image after a random draw of these, so the generator is pushed towards noise tha
 Each distortion is one function `(x, gen, cfg) -> x` on a float batch (B, C, H, W) in [0, 1] that
 returns the same shape and range; `cfg` is `learning.config.Distortions`, where each distortion's
 probability is the field of the same name. To add one: write the function, add it to `REGISTRY`, and
-give `Distortions` (and `cgan train`) a probability option of that name.
+give `Distortions` a probability field of that name (and its name in `PROBABILITIES`) and `cgan train` its option.
 
 `distort_pair` applies one random draw to the clean and the protected batch alike (same sizes, offsets,
 qualities, crops), so `protected - clean` is the noise as the victim receives it.
