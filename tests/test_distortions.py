@@ -16,10 +16,10 @@ from cgan_cli.cli import app
 from cgan_cli.learning.config import Distortions
 from cgan_cli.learning.distortions import (
     REGISTRY,
-    _pil_jpeg,
     check,
     distort_pair,
     jpeg,
+    jpeg_round_trip,
     shift,
 )
 
@@ -70,7 +70,7 @@ def test_jpeg_is_a_real_codec_with_a_straight_through_gradient() -> None:
     Image.fromarray(arr).save(buf, format="JPEG", quality=40, subsampling=2)
     reference = torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).float()
 
-    assert torch.equal(torch.from_numpy(np.array(_pil_jpeg(arr, 40, (0, 0)))).float(), reference)
+    assert torch.equal(torch.from_numpy(np.array(jpeg_round_trip(arr, 40, (0, 0)))).float(), reference)
 
 
 def test_subpixel_shift_averages_away_a_period_2_checkerboard() -> None:

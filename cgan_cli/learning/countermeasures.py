@@ -18,7 +18,6 @@ list the same forms).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,12 +25,11 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from cgan_cli.core.choices import COUNTERMEASURES
 from cgan_cli.core.noise import luma
-from cgan_cli.learning.distortions import gaussian_blur_float
+from cgan_cli.learning.distortions import gaussian_blur_float, jpeg_round_trip
 from cgan_cli.learning.victims import BatchHook
 
 DataTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -47,14 +45,7 @@ def jpeg(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg quality must be 1..100, got {quality}")
     arrays = pixels.permute(0, 2, 3, 1).numpy()
-    mode = "L" if pixels.shape[1] == 1 else "RGB"
-    out = np.empty_like(arrays)
-    for i, arr in enumerate(arrays):
-        buf = io.BytesIO()
-        Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(buf, format="JPEG", quality=quality)
-        buf.seek(0)
-        with Image.open(buf) as img:
-            out[i] = np.asarray(img.convert(mode)).reshape(arr.shape)
+    out = np.stack([jpeg_round_trip(arr, quality, (0, 0)) for arr in arrays]) if len(arrays) else arrays.copy()
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 

@@ -69,7 +69,7 @@ def resize(x: torch.Tensor, gen: torch.Generator, cfg: Distortions) -> torch.Ten
     return back[..., oy:, ox:].clamp(0.0, 1.0)
 
 
-def _pil_jpeg(arr: np.ndarray, quality: int, offset: tuple[int, int]) -> np.ndarray:
+def jpeg_round_trip(arr: np.ndarray, quality: int, offset: tuple[int, int]) -> np.ndarray:
     """One (H, W, C) uint8 image through a real JPEG encode + decode (4:2:0 chroma for RGB), its
     8x8 block grid moved by `offset` (reflect padding before encoding, cropped after)."""
     oy, ox = offset
@@ -98,7 +98,7 @@ def jpeg(x: torch.Tensor, gen: torch.Generator, cfg: Distortions) -> torch.Tenso
     for i, arr in enumerate(arrays):
         quality = _randint(gen, cfg.jpeg_min, cfg.jpeg_max)
         offset = (_randint(gen, 0, JPEG_BLOCK - 1), _randint(gen, 0, JPEG_BLOCK - 1))
-        out[i] = _pil_jpeg(arr, quality, offset)
+        out[i] = jpeg_round_trip(arr, quality, offset)
     decoded = torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
     return x + (decoded - x).detach()
 
