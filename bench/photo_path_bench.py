@@ -1,0 +1,140 @@
+"""Victims trained on protected Fashion-MNIST after the path a photo takes: as written, upscaled +
+protected + downsized, re-encoded, blurred. The issue's targets are per path; one JSON row per victim.
+
+Every image is protected through `ProtectEngine` (`learning.verify.protect_with_engine`), the code
+`cgan protect` runs: working-size resize, noise, upsample, whole-level rounding. The victim (SmallCNN
+or ResNet-18, crop + flip) trains on the first N training images of `randperm(60000, seed 0)` (all
+60,000 by default) with their true labels and is tested on the clean 10,000-image test split.
+
+Paths (what the victim's loader gets for each training image):
+- written: the 28 px image as protected;
+- photoS: bicubic upscale to S px, protected at S px by the engine, downsized to 28 px (area);
+- photoS-jpegQ: the same with a JPEG re-encode at quality Q at S px before the downsizing;
+- photoS-down:FILTER: downsized with bilinear | bicubic (antialiased) instead of area;
+- jpeg:Q, blur:S, rescale:F, ...: `cgan verify`'s countermeasures on the written images, and on the
+  clean test images too, as verify does.
+
+    OMP_NUM_THREADS=1 python bench/photo_path_bench.py --weights weights/cgan-fashion-mnist.safetensors \
+        --paths written photo112 photo56 photo84 photo112-jpeg75 --victim-seeds 0 --json runs/photo.jsonl
+    python bench/photo_path_bench.py --survival --weights W.safetensors --paths photo56 photo112 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cgan_cli.core.engine import EngineConfig, ProtectEngine
+from cgan_cli.learning.config import VictimConfig
+from cgan_cli.learning.countermeasures import parse_countermeasure
+from cgan_cli.learning.data import load_fashion_mnist
+from cgan_cli.learning.distortions import jpeg_round_trip
+from cgan_cli.learning.verify import protect_with_engine
+from cgan_cli.learning.victims import train_victim
+
+PHOTO = re.compile(r"photo(\d+)(?:-jpeg(\d+))?(?:-down:(area|bilinear|bicubic))?$")
+
+
+def jpeg_batch(pixels: torch.Tensor, quality: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 through a real JPEG at `quality` (4:2:0 for RGB), block grid at the origin."""
+    out = [jpeg_round_trip(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), quality, (0, 0)) for p in pixels]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def downsize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    x = pixels.float()
+    x = F.interpolate(x, size=size, mode="area") if mode == "area" else F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def photo_path(pixels: torch.Tensor, path: str, engine: ProtectEngine | None, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Upscale (bicubic) to S px, protect there through the engine, maybe JPEG, downsize to the original size."""
+    side, quality, down = PHOTO.match(path).groups()
+    big = F.interpolate(pixels.float(), size=(int(side), int(side)), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    if engine is not None:
+        big = protect_with_engine(engine, big, codes=codes)
+    if quality:
+        big = jpeg_batch(big, int(quality))
+    return downsize(big, tuple(pixels.shape[-2:]), down or "area")
+
+
+def after_path(pixels: torch.Tensor, written: torch.Tensor, path: str, engine: ProtectEngine | None) -> torch.Tensor:
+    """What the victim's loader gets from these training images after `path`."""
+    if path == "written":
+        return written
+    if PHOTO.match(path):
+        return photo_path(pixels, path, engine)
+    return parse_countermeasure(path).apply(written)
+
+
+def test_view(pixels: torch.Tensor, path: str) -> torch.Tensor:
+    """The clean test images as the victim sees them: countermeasures apply to them too (verify's rule)."""
+    return pixels if path == "written" or PHOTO.match(path) else parse_countermeasure(path).apply(pixels)
+
+
+def survival(weights: list[Path], pixels: torch.Tensor, paths: list[str]) -> None:
+    """Correlation and RMS ratio of the noise after each path with the noise as written (no victims)."""
+    print("| generator | path | correlation with the written noise | RMS after / RMS written |")
+    print("|---|---|---:|---:|")
+    for w in weights:
+        engine = ProtectEngine(EngineConfig(w, device="cpu"))
+        written = protect_with_engine(engine, pixels)
+        n_written = written.float() - pixels.float()
+        for path in paths:
+            n_after = after_path(pixels, written, path, engine).float() - after_path(pixels, pixels, path, None).float()
+            a, b = n_written.flatten(), n_after.flatten()
+            corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+            print(f"| {w.name} | {path} | {corr:.3f} | {float(b.pow(2).mean().sqrt() / a.pow(2).mean().sqrt()):.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", nargs="*", type=Path, default=[], help="generators (seeds); none = clean victims")
+    ap.add_argument("--paths", nargs="+", default=["written"])
+    ap.add_argument("--n", type=int, default=60000)
+    ap.add_argument("--epsilon", type=float, help="default: each generator's own")
+    ap.add_argument("--victim", choices=["cnn", "resnet18"], default="cnn")
+    ap.add_argument("--victim-epochs", type=int, default=10)
+    ap.add_argument("--victim-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--survival", action="store_true", help="noise survival only, on the first --n images")
+    ap.add_argument("--json", type=Path, help="append one JSON row per victim")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    for path in args.paths:
+        if path != "written" and not PHOTO.match(path):
+            parse_countermeasure(path)  # fail early on a typo
+    train_set = load_fashion_mnist("train")
+    data = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[: args.n])
+    if args.survival:
+        survival(args.weights, data.pixels, args.paths)
+        return
+    test = load_fashion_mnist("test")
+    for w in args.weights or [None]:
+        engine = ProtectEngine(EngineConfig(w, device="cpu", epsilon=args.epsilon)) if w is not None else None
+        written = protect_with_engine(engine, data.pixels) if engine is not None else data.pixels
+        for path in args.paths:
+            train_px = after_path(data.pixels, written, path, engine)
+            for seed in args.victim_seeds:
+                start = time.perf_counter()
+                res = train_victim(train_px.float() / 255, data.labels, test_view(test.pixels, path).float() / 255, test.labels, 10,
+                                   VictimConfig(arch=args.victim, epochs=args.victim_epochs, seed=seed))
+                row = {"weights": str(w) if w else "clean", "epsilon": engine.epsilon if engine else 0, "path": path, "n": args.n,
+                       "victim": args.victim, "victim_epochs": args.victim_epochs, "victim_seed": seed,
+                       "clean_test_acc": round(res.test_accuracy, 4), "victim_train_acc": round(res.train_accuracy, 4),
+                       "epoch_acc": [round(a, 4) for a in res.epoch_accuracy], "seconds": round(time.perf_counter() - start)}
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    with open(args.json, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
