@@ -434,3 +434,35 @@ def test_in_memory_inputs_in_flight_are_bounded_by_bytes(rgb_weights: Path, monk
     protect_stream(samples(), sink, engine, EncodeOptions(), lambda rec: emitted.append(rec.source), workers=2)
     assert emitted == [f"t.tar/{i}.png" for i in range(6)] and len(sink.items) == 6
     assert max(ahead) == 0, ahead
+
+
+def test_upscaled_image_keeps_its_noise_after_a_scraper_downsizes_it(tmp_path: Path) -> None:
+    """The photo path: a 28 px Fashion-MNIST image upscaled to 112 px and protected there by `cgan
+    protect`, then area-downsized to 28 px as a scraper's loader would, must still carry the noise the
+    generator gives the 28 px original. The engine makes the noise on the generator's own 28 px grid;
+    on any other grid (it used to round 28 to 32) its period-2 patterns average away (correlation 0.08)."""
+    from cgan_cli.core.shipped import shipped_weights_dir
+    from cgan_cli.learning.data import load_fashion_mnist
+
+    weights = shipped_weights_dir() / "cgan-fashion-mnist.safetensors"
+    small_dir, big_dir = tmp_path / "small", tmp_path / "big"
+    small_dir.mkdir(), big_dir.mkdir()
+    for i, pixels in enumerate(load_fashion_mnist("test").pixels[:64]):
+        img = Image.fromarray(pixels[0].numpy(), "L")
+        img.save(small_dir / f"{i:03d}.png")
+        img.resize((112, 112), Image.Resampling.BICUBIC).save(big_dir / f"{i:03d}.png")
+    for src in (small_dir, big_dir):
+        assert _run(str(src), "--out", str(tmp_path / f"{src.name}-out"), "--weights", str(weights), "--workers", "0").exit_code == 0
+
+    def pixels(folder: Path, downsize: bool = False) -> np.ndarray:
+        out = []
+        for f in sorted(folder.glob("*.png")):
+            x = torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32))[None, None]
+            out.append((torch.nn.functional.interpolate(x, size=(28, 28), mode="area") if downsize else x).round().numpy())
+        return np.concatenate(out)
+
+    written = pixels(tmp_path / "small-out") - pixels(small_dir)
+    after_path = pixels(tmp_path / "big-out", downsize=True) - pixels(big_dir, downsize=True)
+    assert np.abs(written).max() == 8
+    correlation = np.corrcoef(written.ravel(), after_path.ravel())[0, 1]
+    assert correlation > 0.7, correlation
