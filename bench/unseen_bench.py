@@ -18,6 +18,10 @@ their true labels, and is tested on clean TRAINING images (a fixed subset). Code
     nice -n 10 .venv/bin/python bench/unseen_bench.py --purity     # cluster purity vs guess accuracy, no victims
 
 One JSON line per (variant, victim seed) on stdout and in --json; docs/method.md records them.
+
+The CLI has this as a protocol: `cgan verify fashion-mnist --weights W --unseen [--labels]` trains
+the victim on the test split less a --holdout part and tests it on that part (images neither the
+generator nor the victim saw), rather than on training images as here; docs/method.md, Measurement 6.
 """
 
 from __future__ import annotations

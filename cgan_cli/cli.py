@@ -269,7 +269,8 @@ def verify_command(
     precision: Precision = typer.Option(Precision.auto, "--precision", help="As protect: autocast on CUDA; CPU trains in fp32.", rich_help_panel=_VRUN),
     size: int | None = typer.Option(None, "--size", help="Side in pixels images are fitted to. Default: the weights' working size, else 32.", rich_help_panel=_VDATA),
     channels: int | None = typer.Option(None, "--channels", help="1 or 3. Default: the weights' channels, else 3.", rich_help_panel=_VDATA),
-    holdout: float = typer.Option(VERIFY.holdout, "--holdout", help="Test fraction split off a folder DATA given without --test.", rich_help_panel=_VDATA),
+    holdout: float = typer.Option(VERIFY.holdout, "--holdout", help="Test fraction split off a folder DATA given without --test (with --unseen: off the built-in split the generator did not train on).", rich_help_panel=_VDATA),
+    unseen: bool = typer.Option(False, "--unseen", help="With --weights: the victim trains on images the generator never trained on and is tested on images neither saw (fashion-mnist: the other split, less a --holdout test part); refused when the weights record an overlap with DATA.", rich_help_panel=_VDATA),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use a seeded random N training images (quick runs; EM baseline on CPU).", rich_help_panel=_VDATA),
     test_limit: int | None = typer.Option(None, "--test-limit", min=1, help="Use a seeded random N test images.", rich_help_panel=_VDATA),
     em_max_rounds: int = typer.Option(EMConfig.max_rounds, "--em-max-rounds", min=1, help="Cap on EM rounds (10 surrogate steps + 20 PGD steps each).", rich_help_panel=_VPROT),
@@ -283,13 +284,15 @@ def verify_command(
 
       cgan verify fashion-mnist --weights weights/cgan-fashion-mnist.safetensors --baseline random
 
+      cgan verify fashion-mnist --weights weights/cgan-fashion-mnist.safetensors --unseen --labels
+
     Warns when the test split is small or the clean-trained victim is near chance; accuracies carry 95% intervals.
     """
     from cgan_cli.learning.verify import verify_cli
 
     victim = VictimConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
     request = VerifyRequest(
-        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon, labels=labels,
+        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon, labels=labels, unseen=unseen,
         baselines=[Baseline(b).value for b in baseline], size=size, channels=channels, holdout=holdout, limit=limit,
         test_limit=test_limit, report=report, em=EMConfig(max_rounds=em_max_rounds),
         cfg=VerifyConfig(victim, [VictimArch(a).value for a in arch], list(countermeasure)),

@@ -16,6 +16,7 @@ from cgan_cli.cli import app
 from cgan_cli.core.generators import protect_tensor
 from cgan_cli.core.weights import file_sha256, load_generator
 from cgan_cli.learning.config import TrainConfig
+from cgan_cli.learning.data import load_labeled, recorded_digests
 from cgan_cli.learning.train import flatten_optimizer, train, unflatten_optimizer
 
 SIDE = 16
@@ -56,6 +57,8 @@ def test_cli_train_writes_loadable_generator_within_epsilon(folder: Path, tmp_pa
     assert meta.arch_params["width"] == 8 and meta.recipe["width"] == 8
     assert meta.class_names == ["bright", "striped"]
     assert meta.dataset["size"] == 16 and len(meta.dataset["fingerprint"]) == 64
+    data = load_labeled(str(folder), "train", SIDE)
+    assert recorded_digests(meta.dataset["image_digests"]) == set(data.image_digests()) and len(set(data.image_digests())) == 16
     assert meta.recipe["objective"] and meta.recipe["w_minmin"] == 1.0 and meta.seed == 1
 
     x = torch.rand(5, 3, SIDE + 7, SIDE)  # any H x W: fully convolutional

@@ -7,6 +7,7 @@ learnable by a small CNN in a few epochs; a large class-wise pattern is an easie
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,11 @@ def write_tree(root: Path, data: LabeledImages, pixels: torch.Tensor | None = No
         folder.mkdir(parents=True, exist_ok=True)
         arr = img.permute(1, 2, 0).numpy()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"img{i:03d}{suffix}")
+
+
+def flat(result) -> str:
+    """The command's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
 
 
 def recipe(**overrides) -> VictimConfig:
@@ -187,6 +193,13 @@ def test_cli_with_weights_protects_in_memory_and_records_the_weights(tmp_path: P
     gen_method = rep["methods"][0]
     assert gen_method["method"] == "generator" and 0 < gen_method["measured_linf"] <= 13  # 12 + rounding
     assert rep["data"]["train"]["images"] + rep["data"]["test"]["images"] == 24  # hold-out split
+    assert rep["generator_data"]["generator_saw_training_images"] == "unknown"  # these weights record no training set
+    assert "whether the generator saw these images is unknown" in flat(result)
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "data"), "--weights", str(weights), "--epochs", "1",
+                                      "--no-augment", "--unseen", "--report", str(report), "--device", "cpu"])
+    assert result.exit_code == 0, result.output  # cannot be checked: measured, with a warning in the report
+    assert any(w.startswith("--unseen: whether the generator saw these images cannot be checked")
+               for w in json.loads(report.read_text())["warnings"])
 
 
 def test_cli_reports_mismatched_trees_clearly(tmp_path: Path) -> None:
@@ -217,3 +230,75 @@ def test_cli_builtin_fashion_mnist_with_limits(tmp_path: Path) -> None:
     assert rep["data"]["train"]["name"] == "fashion-mnist/train" and rep["data"]["test"]["name"] == "fashion-mnist/test"
     assert rep["methods"][0]["measured_linf"] == 16
     assert 0.1 <= rep["rows"][0]["chance"] < 0.3  # most common of 10 classes among 100 test images
+
+
+def _train_tiny_generator(data: Path, out: Path) -> Path:
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "--epochs", "1", "--code-epochs", "1",
+                                      "--batch-size", "8", "--size", "16", "--width", "8", "--device", "cpu", "--checkpoint-every", "0"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_unseen_refuses_images_the_generator_trained_on_and_reports_the_case(tmp_path: Path) -> None:
+    seen, fresh = synthetic(6, seed=0), synthetic(6, seed=2)
+    write_tree(tmp_path / "seen", seen)
+    write_tree(tmp_path / "fresh", fresh)
+    weights = _train_tiny_generator(tmp_path / "seen", tmp_path / "g.safetensors")
+    common = ["--weights", str(weights), "--epochs", "1", "--no-augment", "--device", "cpu"]
+
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "seen"), *common, "--report", str(tmp_path / "memorised.json")])
+    assert result.exit_code == 0, result.output
+    full = json.loads((tmp_path / "memorised.json").read_text())
+    rep = full["generator_data"]
+    assert rep["protocol"] == "as given" and rep["generator_saw_training_images"] is True
+    assert (rep["training_images_seen"], rep["test_images_seen"]) == (20, 4)  # every image of the hold-out split
+    assert (full["data"]["train"]["images"], full["data"]["test"]["images"]) == (20, 4)
+    assert "memorised case" in flat(result)
+
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "seen"), *common, "--unseen"])
+    assert result.exit_code == 2
+    assert "--unseen: the generator was trained on 20 of the victim's 20 training images and 4 of its 4 test" in flat(result)
+
+    for i, name in enumerate(["img000.png", "img001.png", "img002.png"]):  # three of its training images slip into new data
+        (tmp_path / "fresh" / "bar-h" / f"copy{i}.png").write_bytes((tmp_path / "seen" / "bar-h" / name).read_bytes())
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "fresh"), *common, "--unseen", "--holdout", "0.25"])
+    assert result.exit_code == 2
+    assert "unknown" not in flat(result) and "Traceback" not in flat(result)
+    train_seen, test_seen = map(int, re.search(r"trained on (\d+) of the victim's \d+ training images and (\d+) of", flat(result)).groups())
+    assert train_seen + test_seen == 3
+
+    for i in range(3):
+        (tmp_path / "fresh" / "bar-h" / f"copy{i}.png").unlink()
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "fresh"), *common, "--unseen", "--labels", "--report", str(tmp_path / "unseen.json")])
+    assert result.exit_code == 0, result.output
+    rep = json.loads((tmp_path / "unseen.json").read_text())
+    assert rep["generator_data"] == {
+        "protocol": "unseen", "generator_saw_training_images": False, "training_images_seen": 0,
+        "training_checked_by": "per-image digests in the weights' metadata", "generator_saw_test_images": False,
+        "test_images_seen": 0, "test_checked_by": "per-image digests in the weights' metadata"}
+    assert rep["methods"][0]["codes"] == "label" and "never saw these training or test images" in flat(result)
+    assert "image_digests" not in json.dumps(rep)  # the report names the weights' training set, not its digests
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
+def test_cli_unseen_fashion_mnist_trains_and_tests_on_disjoint_test_split_images(tmp_path: Path) -> None:
+    from cgan_cli.core.shipped import shipped_weights_dir
+    from cgan_cli.learning.data import load_fashion_mnist
+
+    report = tmp_path / "unseen.json"
+    result = CliRunner().invoke(app, ["verify", "fashion-mnist", "--weights", str(shipped_weights_dir() / "cgan-fashion-mnist.safetensors"),
+                                      "--unseen", "--limit", "200", "--test-limit", "100", "--epochs", "1", "--report", str(report), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(report.read_text())
+    train, test = rep["data"]["train"], rep["data"]["test"]
+    assert train["name"] == test["name"] == "fashion-mnist/test"  # the generator trained on fashion-mnist/train
+    assert len(train["indices"]) == train["images"] == 200 and len(test["indices"]) == test["images"] == 100
+    assert not set(train["indices"]) & set(test["indices"])
+    assert rep["config"]["holdout"] == 0.2 and rep["config"]["unseen"] is True
+    split, seen = load_fashion_mnist("test"), load_fashion_mnist("train")
+    for part in (train, test):  # the recorded indices are the images used: their fingerprints match
+        assert split.subset(torch.tensor(part["indices"])).fingerprint() == part["fingerprint"]
+    generator_saw = set(seen.image_digests())
+    victim = split.subset(torch.tensor(train["indices"] + test["indices"]))
+    assert not generator_saw & set(victim.image_digests())  # none of them is among the generator's training images
+    assert rep["generator_data"]["generator_saw_training_images"] is False and rep["generator_data"]["test_images_seen"] == 0

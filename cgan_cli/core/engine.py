@@ -26,7 +26,7 @@ process-wide torch state (threads, seeds) alone.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -244,4 +244,4 @@ class ProtectEngine:
 
     def describe(self) -> dict:
         """What summary.json records about the weights."""
-        return {"path": str(self.cfg.weights), "sha256": self.weights_sha256, "mask_floor": self.mask_floor, "metadata": asdict(self.meta)}
+        return {"path": str(self.cfg.weights), "sha256": self.weights_sha256, "mask_floor": self.mask_floor, "metadata": self.meta.described()}

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 META_KEY = "cgan"
+DIGESTS_KEY = "image_digests"  # in WeightsMeta.dataset: which images the generator trained on (learning/data.record_digests)
 
 
 class WeightsError(UsageError):
@@ -43,7 +44,7 @@ class WeightsMeta:
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)  # training hyper-parameters and objective
-    dataset: dict[str, Any] = field(default_factory=dict)  # name, size, fingerprint
+    dataset: dict[str, Any] = field(default_factory=dict)  # name, size, fingerprint, DIGESTS_KEY (older files: no digests)
     seed: int | None = None
     command: str = ""
     code_version: str = ""
@@ -52,6 +53,12 @@ class WeightsMeta:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def described(self) -> dict[str, Any]:
+        """The metadata for a summary or report: the per-image digests (up to ~0.8 MB) left out."""
+        record = asdict(self)
+        record["dataset"] = {k: v for k, v in self.dataset.items() if k != DIGESTS_KEY}
+        return record
 
     @classmethod
     def from_json(cls, text: str) -> "WeightsMeta":

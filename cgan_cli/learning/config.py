@@ -113,10 +113,11 @@ class VerifyRequest:
     weights: Path | None = None
     epsilon: float | None = None
     labels: bool = False  # --weights protects with each image's true label as its code (as `protect --labels`)
+    unseen: bool = False  # victim trains and is tested only on images the generator never trained on
     baselines: list[str] = field(default_factory=list)
     size: int | None = None
     channels: int | None = None
-    holdout: float = 0.2
+    holdout: float = 0.2  # test fraction of a folder DATA without --test (or of the unseen built-in split)
     limit: int | None = None
     test_limit: int | None = None
     report: Path | None = None

@@ -8,6 +8,7 @@ collections does not go through here; it uses the source -> engine -> sink pipel
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -29,6 +30,8 @@ FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 ]
 BUILTIN_DATASETS = ("fashion-mnist",)
+DIGEST_BYTES = 6  # per image: a false match among 100k recorded images is ~1 in 3 billion per image checked
+MAX_DIGESTS = 100_000  # more training images than this: only the whole-set fingerprint is recorded (header size)
 
 
 class DatasetError(UsageError):
@@ -42,6 +45,7 @@ class LabeledImages:
     class_names: list[str]
     name: str = ""
     paths: list[str] = field(default_factory=list)  # source file per image, where there is one
+    origin: torch.Tensor | None = None  # each image's position in the set as loaded; None = that set itself
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -59,8 +63,10 @@ class LabeledImages:
         return self.pixels.float().div_(255.0)
 
     def subset(self, index: torch.Tensor | slice) -> "LabeledImages":
-        paths = [self.paths[i] for i in torch.arange(len(self))[index].tolist()] if self.paths else []
-        return LabeledImages(self.pixels[index], self.labels[index], self.class_names, self.name, paths)
+        positions = torch.arange(len(self))[index]
+        paths = [self.paths[i] for i in positions.tolist()] if self.paths else []
+        origin = positions if self.origin is None else self.origin[positions]
+        return LabeledImages(self.pixels[index], self.labels[index], self.class_names, self.name, paths, origin)
 
     def fingerprint(self) -> str:
         """sha256 over pixels and labels: identifies exactly which data a generator was trained on."""
@@ -68,6 +74,28 @@ class LabeledImages:
         digest.update(self.pixels.numpy().tobytes())
         digest.update(self.labels.numpy().tobytes())
         return digest.hexdigest()
+
+    def image_digests(self) -> list[bytes]:
+        """Per image, the first DIGEST_BYTES of sha256 over its pixels: which images, in any order."""
+        arr = self.pixels.numpy()
+        return [hashlib.sha256(arr[i].tobytes()).digest()[:DIGEST_BYTES] for i in range(len(self))]
+
+
+def record_digests(data: LabeledImages) -> str | None:
+    """The sorted per-image digests as base64, for the weights' metadata; None above MAX_DIGESTS images.
+
+    Why: `cgan verify` must tell whether a generator trained on the very images it is measured on
+    (the easy, memorised case) from the weights alone; a whole-set fingerprint answers only "the same
+    set", not "which of these images". Digests are over pixels at the generator's working size.
+    """
+    if len(data) > MAX_DIGESTS:
+        return None
+    return base64.b64encode(b"".join(sorted(set(data.image_digests())))).decode("ascii")
+
+
+def recorded_digests(text: str) -> set[bytes]:
+    raw = base64.b64decode(text)
+    return {raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)}
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -54,9 +54,9 @@ from cgan_cli.core.generators import (
     quantize_8bit,
 )
 from cgan_cli.core.noise import activity_mask
-from cgan_cli.core.weights import WeightsMeta, save_generator, save_tensors_atomic
+from cgan_cli.core.weights import DIGESTS_KEY, WeightsMeta, save_generator, save_tensors_atomic
 from cgan_cli.learning.config import TrainConfig
-from cgan_cli.learning.data import LabeledImages, load_labeled
+from cgan_cli.learning.data import LabeledImages, load_labeled, record_digests
 from cgan_cli.learning.distortions import check as check_distortions
 from cgan_cli.learning.distortions import distort_pair
 from cgan_cli.learning.nets import Discriminator, SmallCNN
@@ -353,13 +353,22 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
         arch=nets.gen.arch, arch_params=nets.gen.arch_params(), epsilon=cfg.epsilon, working_size=side,
         channels=channels, num_classes=num_classes, class_names=list(data.class_names),
         recipe={"objective": OBJECTIVE, **_jsonable({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "progress", "command", "data")})},
-        dataset={"name": data.name or cfg.data, "size": len(data), "fingerprint": data.fingerprint()},
+        dataset=training_set_record(data, cfg.data),
         seed=cfg.seed, command=cfg.command or shlex.join(sys.argv), code_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     save_generator(out, nets.gen.cpu().eval(), meta)
     write_atomic(sibling(out, ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
     return TrainResult(out, step, seconds, metrics)
+
+
+def training_set_record(data: LabeledImages, name: str) -> dict[str, Any]:
+    """What the weights say about their training images: name, count, fingerprint, per-image digests."""
+    record = {"name": data.name or name, "size": len(data), "fingerprint": data.fingerprint()}
+    digests = record_digests(data)
+    if digests is not None:
+        record[DIGESTS_KEY] = digests
+    return record
 
 
 @torch.no_grad()

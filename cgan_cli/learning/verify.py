@@ -3,7 +3,9 @@
 source -> engine -> sink:
 - source: a clean training set, a clean test set, and one or more *methods*, each a protected copy
   of the same training set with identical labels and order (a protected folder matched to the clean
-  one by relative path, the generator applied in memory, or a baseline noise);
+  one by relative path, the generator applied in memory, or a baseline noise); with a generator,
+  which of these images it was trained on (its weights' record), since a generator protects the
+  images it memorised far better than new ones (`--unseen` measures only new ones);
 - engine: for every victim arch and countermeasure, train the same recipe (same seed, same order)
   on the clean set and on each protected set, and test all of them on the clean test set;
 - sink: a rich table, a JSON report (seeds, versions, weights sha256, config, per-epoch curves,
@@ -36,14 +38,15 @@ from cgan_cli.core.device import resolve_device, resolve_precision
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.formats import ImageError, decode_image, written_fidelity
-from cgan_cli.core.weights import WeightsMeta, file_sha256, read_meta
+from cgan_cli.core.weights import DIGESTS_KEY, WeightsMeta, file_sha256, read_meta
 from cgan_cli.learning.baselines import BASELINES, build_baseline
 from cgan_cli.learning.config import EMConfig, VerifyConfig, VerifyRequest, VictimConfig
 from cgan_cli.learning.countermeasures import Countermeasure, parse_countermeasure
 from cgan_cli.learning.data import (
+    BUILTIN_DATASETS,
     LabeledImages,
-    load_fashion_mnist,
     load_labeled,
+    recorded_digests,
     split_holdout,
 )
 from cgan_cli.learning.nets import VICTIM_ARCHS
@@ -142,16 +145,124 @@ def check_test_set(train: LabeledImages, test: LabeledImages) -> None:
         raise VerifyError(f"test images are {tuple(test.pixels.shape[1:])}, training images {tuple(train.pixels.shape[1:])}")
 
 
-def load_train_test(data: str, test: str | None, size: int, channels: int, holdout: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
-    """DATA (built-in name, folder tree, or whatever `data.load_labeled` reads) and its clean test set."""
+@dataclass
+class VictimData:
+    """The victim's clean training and test sets, each with the set it was drawn from, as loaded."""
+
+    train: LabeledImages
+    test: LabeledImages
+    train_source: LabeledImages
+    test_source: LabeledImages
+
+    @property
+    def held_out(self) -> bool:
+        """The test set is a --holdout split of the training set's source."""
+        return self.train_source is self.test_source
+
+
+def load_train_test(data: str, test: str | None, size: int, channels: int, holdout: float, seed: int, avoid: str = "") -> VictimData:
+    """DATA (built-in name, folder tree, or whatever `data.load_labeled` reads) and its clean test set.
+
+    avoid: a built-in split the generator trained on (e.g. "fashion-mnist/train"); the victim then
+    trains on the other split less a --holdout part, and is tested on that part.
+    """
     if test is not None:
         train, test_set = load_labeled(data, "train", size, channels), load_labeled(test, "test", size, channels)
-    elif data == "fashion-mnist":
-        train, test_set = load_fashion_mnist("train"), load_fashion_mnist("test")
+        victim = VictimData(train, test_set, train, test_set)
+    elif data in BUILTIN_DATASETS and avoid in (f"{data}/train", f"{data}/test"):
+        source = load_labeled(data, "test" if avoid.endswith("/train") else "train")
+        victim = VictimData(*split_holdout(source, holdout, seed), source, source)
+    elif data in BUILTIN_DATASETS:
+        train, test_set = load_labeled(data, "train"), load_labeled(data, "test")
+        victim = VictimData(train, test_set, train, test_set)
     else:
-        train, test_set = split_holdout(load_labeled(data, "train", size, channels), holdout, seed)
-    check_test_set(train, test_set)
-    return train, test_set
+        source = load_labeled(data, "train", size, channels)
+        victim = VictimData(*split_holdout(source, holdout, seed), source, source)
+    check_test_set(victim.train, victim.test)
+    return victim
+
+
+# ----------------------------------------------------------------------------- which images the generator saw
+
+
+@dataclass
+class Seen:
+    """How many images of a victim set the generator was trained on (None: cannot be told), and how that was found."""
+
+    images: int | None
+    how: str
+
+    @property
+    def verdict(self) -> bool | str:
+        return "unknown" if self.images is None else self.images > 0
+
+
+def is_builtin_split(name: str) -> bool:
+    return name.split("/")[0] in BUILTIN_DATASETS and "/" in name
+
+
+def images_seen(meta: WeightsMeta, part: LabeledImages, source: LabeledImages) -> Seen:
+    """How many of `part` (drawn from `source`, as loaded) were among the generator's training images.
+
+    From the weights' record (learning/train.training_set_record): per-image digests where recorded;
+    else the whole-set fingerprint (all of `source` or unknown) and the built-in split names.
+    """
+    trained = meta.dataset
+    if DIGESTS_KEY in trained:
+        if (part.size, part.channels) != (meta.working_size, meta.channels):
+            return Seen(None, f"the weights record their training images' digests at {meta.working_size} px, "
+                              f"{meta.channels} channel(s); these were loaded at {part.size} px, {part.channels}")
+        recorded = recorded_digests(trained[DIGESTS_KEY])
+        return Seen(sum(d in recorded for d in part.image_digests()), "per-image digests in the weights' metadata")
+    name = trained.get("name") or "an unrecorded set"
+    if trained.get("fingerprint") == source.fingerprint():
+        return Seen(len(part), f"the weights' training-set fingerprint is that of {source.name} as loaded here")
+    if is_builtin_split(name) and is_builtin_split(part.name) and name != part.name:
+        return Seen(0, f"the generator was trained on the built-in {name}; these images are {part.name}")
+    return Seen(None, f"the weights (trained on {name}) record no per-image digests, only a fingerprint of their "
+                      f"whole training set, which is not {source.name} as loaded here; a partial overlap cannot be ruled out")
+
+
+def generator_data(meta: WeightsMeta, victim: VictimData, unseen: bool) -> dict[str, Any]:
+    """The report's record of whether the generator saw the victim's training and test images.
+
+    With `unseen`, any image it saw is a usage error: that run would measure the memorised case.
+    """
+    train, test = images_seen(meta, victim.train, victim.train_source), images_seen(meta, victim.test, victim.test_source)
+    if unseen and (train.images or test.images):
+        def count(s: Seen) -> str:
+            return "an unknown number" if s.images is None else str(s.images)
+        raise VerifyError(
+            f"--unseen: the generator was trained on {count(train)} of the victim's {len(victim.train)} training images "
+            f"and {count(test)} of its {len(victim.test)} test images ({train.how if train.images else test.how}); "
+            "give DATA it never saw (or --test DIR), or drop --unseen to measure the memorised case")
+    return {
+        "protocol": "unseen" if unseen else "as given",
+        "generator_saw_training_images": train.verdict, "training_images_seen": train.images, "training_checked_by": train.how,
+        "generator_saw_test_images": test.verdict, "test_images_seen": test.images, "test_checked_by": test.how,
+    }
+
+
+def unknown_because(record: dict[str, Any]) -> str | None:
+    """Why it cannot be told whether the generator saw the training (else test) images; None if it can."""
+    if record["generator_saw_training_images"] == "unknown":
+        return record["training_checked_by"]
+    return record["test_checked_by"] if record["generator_saw_test_images"] == "unknown" else None
+
+
+def seen_caption(record: dict[str, Any] | None) -> str:
+    """One line under the table: which case this run measured."""
+    if record is None:
+        return ""
+    train, test = record["generator_saw_training_images"], record["generator_saw_test_images"]
+    if train is True:
+        return (f"\nthe generator was trained on {record['training_images_seen']} of these training images: "
+                "the memorised case (--unseen: images it never saw)")
+    if unknown_because(record):
+        return f"\nwhether the generator saw these images is unknown: {unknown_because(record)}"
+    if test is True:
+        return f"\nthe generator never saw these training images, but was trained on {record['test_images_seen']} of the test images"
+    return "\nthe generator never saw these training or test images"
 
 
 def measured_linf(clean: torch.Tensor, protected: torch.Tensor) -> int:
@@ -224,7 +335,7 @@ def generator_method(weights: Path, train: LabeledImages, epsilon: float, device
     codes = label_codes(meta, train) if labels else None
     pixels, seconds = timed(protect_with_engine, engine, train.pixels, codes=codes)
     record = {"path": str(weights), "sha256": file_sha256(weights), "arch": meta.arch, "trained_epsilon": meta.epsilon,
-              "working_size": meta.working_size, "channels": meta.channels, "dataset": meta.dataset}
+              "working_size": meta.working_size, "channels": meta.channels, "dataset": meta.described()["dataset"]}
     return Method("generator", pixels, seconds, {"epsilon": epsilon, "codes": "label" if labels else "guess"}), record
 
 
@@ -297,9 +408,13 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def trust_warnings(rows: list[Row], test_images: int) -> list[str]:
-    """Why the table may not mean what it seems to: a tiny test split, a clean victim at chance."""
+def trust_warnings(rows: list[Row], test_images: int, seen: dict[str, Any] | None = None) -> list[str]:
+    """Why the table may not mean what it seems to: a tiny test split, a clean victim at chance, an
+    --unseen run that could not check which images the generator saw."""
     warnings = []
+    if seen is not None and seen["protocol"] == "unseen" and unknown_because(seen):
+        warnings.append(f"--unseen: whether the generator saw these images cannot be checked ({unknown_because(seen)}); "
+                        "the rows may measure images it memorised")
     if test_images < MIN_TEST_IMAGES:
         lo, hi = wilson_interval(0.5, test_images)
         warnings.append(f"the test split has only {test_images} images (< {MIN_TEST_IMAGES}): an accuracy of 50% could be "
@@ -325,9 +440,9 @@ def _with_ci(accuracy: float, n: int) -> str:
 # ----------------------------------------------------------------------------- sinks
 
 
-def results_table(rows: list[Row], test_images: int) -> Table:
+def results_table(rows: list[Row], test_images: int, seen: dict[str, Any] | None = None) -> Table:
     table = Table(title="cgan verify", caption=f"accuracy of each victim on the clean test set ({test_images} images), "
-                  "[95% Wilson interval]; drop = clean-trained - protected-trained")
+                  "[95% Wilson interval]; drop = clean-trained - protected-trained" + seen_caption(seen))
     for col in ("method", "victim", "counter-\nmeasure", "clean-\ntrained", "protected-\ntrained", "drop", "chance"):
         table.add_column(col, justify="left" if col in ("method", "victim", "counter-\nmeasure") else "right", overflow="fold")
     for r in rows:
@@ -460,6 +575,7 @@ def build_report(
     cfg: VerifyConfig,
     inputs: dict[str, Any],
     weights: dict[str, Any] | None,
+    seen: dict[str, Any] | None,
     seconds: float,
 ) -> dict[str, Any]:
     """Everything needed to reproduce and audit the run."""
@@ -472,9 +588,12 @@ def build_report(
         "seed": cfg.victim.seed,
         "config": {"victim": asdict(cfg.victim), "archs": cfg.archs, "countermeasures": cfg.countermeasures, **inputs},
         "weights": weights,
-        "data": {
-            "train": {"name": clean.name, "images": len(clean), "fingerprint": clean.fingerprint(), "classes": clean.class_names},
-            "test": {"name": test.name, "images": len(test), "fingerprint": test.fingerprint()},
+        "generator_data": seen,  # did the generator train on these images? (None: no generator)
+        "data": {  # indices: positions in the set `name` as loaded (null: all of it, in order)
+            "train": {"name": clean.name, "images": len(clean), "fingerprint": clean.fingerprint(), "classes": clean.class_names,
+                      "indices": None if clean.origin is None else clean.origin.tolist()},
+            "test": {"name": test.name, "images": len(test), "fingerprint": test.fingerprint(),
+                     "indices": None if test.origin is None else test.origin.tolist()},
         },
         "methods": [
             {"method": m.name, "seconds_to_protect": m.seconds, "images": len(m.pixels),
@@ -492,7 +611,7 @@ def build_report(
              "clean_trained_seconds": r.clean.seconds, "protected_trained_seconds": r.protected.seconds}
             for r in rows
         ],
-        "warnings": trust_warnings(rows, len(test)),
+        "warnings": trust_warnings(rows, len(test), seen),
         "seconds": seconds,
     }
 
@@ -518,7 +637,20 @@ def plot_path_for(report_path: Path) -> Path:
     return report_path.with_name(report_path.stem.removesuffix("-report") + "-curves.png")
 
 
-def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, list[Method], dict[str, Any] | None, float | None]:
+@dataclass
+class Inputs:
+    """What the victims compare, resolved from the request."""
+
+    clean: LabeledImages
+    test: LabeledImages
+    methods: list[Method]
+    weights: dict[str, Any] | None  # the report's weights record
+    epsilon: float | None
+    held_out: bool  # the test set is a --holdout split of the training set's source
+    seen: dict[str, Any] | None  # generator_data: which of these images the generator trained on
+
+
+def _resolve_inputs(req: VerifyRequest) -> Inputs:
     """Load data, validate the combination of options, and build every method's protected set."""
     seed, device = req.cfg.victim.seed, req.cfg.victim.device
     meta = read_meta(req.weights) if req.weights is not None else None  # early: sizes, channels, epsilon
@@ -527,6 +659,9 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
     methods: list[Method] = []
     if req.labels and req.weights is None:
         raise VerifyError("--labels chooses the codes --weights protects with; give --weights FILE too")
+    if req.unseen and (req.weights is None or req.data is None):
+        raise VerifyError("--unseen picks images the generator never saw, from its weights' record: give DATA and --weights FILE")
+    seen, held_out = None, False
     if req.protected is not None or req.clean is not None:
         if req.protected is None or req.clean is None or req.test is None or req.data is not None:
             raise VerifyError("folder mode needs all of --protected DIR --clean DIR --test DIR, and no DATA argument")
@@ -536,6 +671,7 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
         protected = load_labeled(str(req.protected), "train", size, channels)
         test = load_labeled(str(req.test), "test", size, channels)
         check_test_set(clean, test)
+        test = subsample(test, req.test_limit, seed)
         order = match_order(clean, protected, Path(req.clean), Path(req.protected))
         protected_pixels, protected_paths = protected.pixels[order], [protected.paths[i] for i in order.tolist()]
         index = sample_index(len(clean), req.limit, seed)
@@ -547,11 +683,14 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
     elif req.data is not None:
         if req.weights is None and not req.baselines:
             raise VerifyError("nothing to verify: give --weights FILE and/or --baseline random|classwise|em")
-        clean, test = load_train_test(req.data, str(req.test) if req.test else None, size, channels, req.holdout, seed)
-        clean = subsample(clean, req.limit, seed)
+        avoid = meta.dataset.get("name", "") if req.unseen and meta is not None else ""
+        victim = load_train_test(req.data, str(req.test) if req.test else None, size, channels, req.holdout, seed, avoid)
+        victim.train, victim.test = subsample(victim.train, req.limit, seed), subsample(victim.test, req.test_limit, seed)
+        if meta is not None:
+            seen = generator_data(meta, victim, req.unseen)
+        clean, test, held_out = victim.train, victim.test, victim.held_out
     else:
         raise VerifyError("give DATA (e.g. fashion-mnist) with --weights, or --protected DIR --clean DIR --test DIR")
-    test = subsample(test, req.test_limit, seed)
     epsilon = req.epsilon
     if epsilon is None and meta is not None:
         epsilon = meta.epsilon
@@ -565,7 +704,7 @@ def _resolve_inputs(req: VerifyRequest) -> tuple[LabeledImages, LabeledImages, l
         raise VerifyError("--baseline needs --epsilon (in /255 units)")
     for name in dict.fromkeys(req.baselines):
         methods.append(baseline_method(name, clean, epsilon, seed, req.em, device))
-    return clean, test, methods, weights_record, epsilon
+    return Inputs(clean, test, methods, weights_record, epsilon, held_out, seen)
 
 
 def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row], dict[str, Any], Path, Path]:
@@ -577,7 +716,8 @@ def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row
     for name, valid in [*((a, VICTIM_ARCHS) for a in req.cfg.archs), *((b, BASELINES) for b in req.baselines)]:
         if name not in valid:
             raise VerifyError(f"unknown choice {name!r}; valid: {', '.join(valid)}")
-    clean, test, methods, weights_record, epsilon = _resolve_inputs(req)
+    got = _resolve_inputs(req)
+    clean, test, methods = got.clean, got.test, got.methods
     for m in methods:
         took = "given on disk" if m.seconds is None else f"protected in {m.seconds:.1f}s"
         where = "at the files' own size" if m.linf is not None else f"at {clean.pixels.shape[-1]} px"
@@ -590,10 +730,10 @@ def verify(req: VerifyRequest, console: Console | None = None) -> tuple[list[Row
     rows = run_victims(clean, test, methods, req.cfg, progress)
     inputs = {"data": req.data, "protected": str(req.protected) if req.protected else None,
               "clean": str(req.clean) if req.clean else None, "test": str(req.test) if req.test else None,
-              "epsilon": epsilon, "baselines": req.baselines, "limit": req.limit, "test_limit": req.test_limit,
-              "holdout": req.holdout if req.data not in (None, "fashion-mnist") and req.test is None else None,
+              "epsilon": got.epsilon, "baselines": req.baselines, "limit": req.limit, "test_limit": req.test_limit,
+              "holdout": req.holdout if got.held_out else None, "unseen": req.unseen, "labels": req.labels,
               "em": asdict(req.em) if "em" in req.baselines else None}
-    report = build_report(rows, methods, clean, test, req.cfg, inputs, weights_record, time.perf_counter() - start)
+    report = build_report(rows, methods, clean, test, req.cfg, inputs, got.weights, got.seen, time.perf_counter() - start)
     report_path = Path(req.report) if req.report else default_report_path(req)
     plot_path = plot_path_for(report_path)
     write_atomic(report_path, json.dumps(report, indent=2) + "\n")
@@ -611,7 +751,7 @@ def verify_cli(req: VerifyRequest, device: str, precision: str) -> int:
         Console(stderr=True).print(f"error: {exc}", markup=False)
         return 2
     console = Console()
-    console.print(results_table(rows, report["data"]["test"]["images"]))
+    console.print(results_table(rows, report["data"]["test"]["images"], report["generator_data"]))
     for warning in report["warnings"]:
         Console(stderr=True).print(f"warning: {warning}", style="yellow", markup=False)
     console.print(f"report: {report_path}\ncurves: {plot_path}")

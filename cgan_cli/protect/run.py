@@ -344,7 +344,7 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
     epsilon = float(cfg.epsilon if cfg.epsilon is not None else meta.epsilon)
     sha = file_sha256(cfg.weights)
     summary = RunSummary(
-        cgan_version=__version__, weights={"path": str(cfg.weights), "sha256": sha, "metadata": asdict(meta)}, epsilon=epsilon,
+        cgan_version=__version__, weights={"path": str(cfg.weights), "sha256": sha, "metadata": meta.described()}, epsilon=epsilon,
         device=cfg.device, precision=cfg.precision, working_size=meta.working_size, full_res=cfg.full_res, out=str(cfg.out),
         seed=cfg.seed, dry_run=True, labels=cfg.labels,
     )
