@@ -11,6 +11,8 @@ Paths (what the victim's loader gets for each training image):
 - photoS: bicubic upscale to S px, protected at S px by the engine, downsized to 28 px (area);
 - photoS-jpegQ: the same with a JPEG re-encode at quality Q at S px before the downsizing;
 - photoS-down:FILTER: downsized with bilinear | bicubic (antialiased) instead of area;
+- photoS-toT: the victim trains at T px instead of 28 (a scraper's own training size); its clean test
+  images take the same path without protection (upscale to S, resize to T);
 - jpeg:Q, blur:S, rescale:F, ...: `cgan verify`'s countermeasures on the written images, and on the
   clean test images too, as verify does.
 
@@ -39,7 +41,7 @@ from cgan_cli.learning.distortions import jpeg_round_trip
 from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import train_victim
 
-PHOTO = re.compile(r"photo(\d+)(?:-jpeg(\d+))?(?:-down:(area|bilinear|bicubic))?$")
+PHOTO = re.compile(r"photo(\d+)(?:-jpeg(\d+))?(?:-to(\d+))?(?:-down:(area|bilinear|bicubic))?$")
 
 
 def jpeg_batch(pixels: torch.Tensor, quality: int) -> torch.Tensor:
@@ -55,14 +57,14 @@ def downsize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Te
 
 
 def photo_path(pixels: torch.Tensor, path: str, engine: ProtectEngine | None, codes: torch.Tensor | None = None) -> torch.Tensor:
-    """Upscale (bicubic) to S px, protect there through the engine, maybe JPEG, downsize to the original size."""
-    side, quality, down = PHOTO.match(path).groups()
+    """Upscale (bicubic) to S px, protect there through the engine, maybe JPEG, resize to 28 px (or T)."""
+    side, quality, target, down = PHOTO.match(path).groups()
     big = F.interpolate(pixels.float(), size=(int(side), int(side)), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
     if engine is not None:
         big = protect_with_engine(engine, big, codes=codes)
     if quality:
         big = jpeg_batch(big, int(quality))
-    return downsize(big, tuple(pixels.shape[-2:]), down or "area")
+    return downsize(big, (int(target), int(target)) if target else tuple(pixels.shape[-2:]), down or "area")
 
 
 def after_path(pixels: torch.Tensor, written: torch.Tensor, path: str, engine: ProtectEngine | None) -> torch.Tensor:
@@ -75,12 +77,19 @@ def after_path(pixels: torch.Tensor, written: torch.Tensor, path: str, engine: P
 
 
 def test_view(pixels: torch.Tensor, path: str) -> torch.Tensor:
-    """The clean test images as the victim sees them: countermeasures apply to them too (verify's rule)."""
-    return pixels if path == "written" or PHOTO.match(path) else parse_countermeasure(path).apply(pixels)
+    """The clean test images as the victim sees them: countermeasures apply to them too (verify's rule),
+    and a victim that trains at another size sees them through the same (unprotected) photo path."""
+    if path == "written":
+        return pixels
+    photo = PHOTO.match(path)
+    if photo:
+        return photo_path(pixels, path, None) if photo.group(3) else pixels
+    return parse_countermeasure(path).apply(pixels)
 
 
 def survival(weights: list[Path], pixels: torch.Tensor, paths: list[str]) -> None:
-    """Correlation and RMS ratio of the noise after each path with the noise as written (no victims)."""
+    """Correlation and RMS ratio of the noise after each path with the noise as written (no victims);
+    for a victim at another size, with the written noise resized to that size."""
     print("| generator | path | correlation with the written noise | RMS after / RMS written |")
     print("|---|---|---:|---:|")
     for w in weights:
@@ -89,7 +98,8 @@ def survival(weights: list[Path], pixels: torch.Tensor, paths: list[str]) -> Non
         n_written = written.float() - pixels.float()
         for path in paths:
             n_after = after_path(pixels, written, path, engine).float() - after_path(pixels, pixels, path, None).float()
-            a, b = n_written.flatten(), n_after.flatten()
+            reference = n_written if n_after.shape == n_written.shape else F.interpolate(n_written, size=n_after.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+            a, b = reference.flatten(), n_after.flatten()
             corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
             print(f"| {w.name} | {path} | {corr:.3f} | {float(b.pow(2).mean().sqrt() / a.pow(2).mean().sqrt()):.2f} |", flush=True)
 
@@ -100,6 +110,7 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["written"])
     ap.add_argument("--n", type=int, default=60000)
     ap.add_argument("--epsilon", type=float, help="default: each generator's own")
+    ap.add_argument("--mask-floor", type=float, help="protect with this local-activity mask floor (default: the weights' own)")
     ap.add_argument("--victim", choices=["cnn", "resnet18"], default="cnn")
     ap.add_argument("--victim-epochs", type=int, default=10)
     ap.add_argument("--victim-seeds", type=int, nargs="+", default=[0])
@@ -118,7 +129,7 @@ def main() -> None:
         return
     test = load_fashion_mnist("test")
     for w in args.weights or [None]:
-        engine = ProtectEngine(EngineConfig(w, device="cpu", epsilon=args.epsilon)) if w is not None else None
+        engine = ProtectEngine(EngineConfig(w, device="cpu", epsilon=args.epsilon, mask_floor=args.mask_floor)) if w is not None else None
         written = protect_with_engine(engine, data.pixels) if engine is not None else data.pixels
         for path in args.paths:
             train_px = after_path(data.pixels, written, path, engine)
@@ -126,7 +137,8 @@ def main() -> None:
                 start = time.perf_counter()
                 res = train_victim(train_px.float() / 255, data.labels, test_view(test.pixels, path).float() / 255, test.labels, 10,
                                    VictimConfig(arch=args.victim, epochs=args.victim_epochs, seed=seed))
-                row = {"weights": str(w) if w else "clean", "epsilon": engine.epsilon if engine else 0, "path": path, "n": args.n,
+                row = {"weights": str(w) if w else "clean", "epsilon": engine.epsilon if engine else 0,
+                       "mask_floor": engine.mask_floor if engine else None, "path": path, "n": args.n,
                        "victim": args.victim, "victim_epochs": args.victim_epochs, "victim_seed": seed,
                        "clean_test_acc": round(res.test_accuracy, 4), "victim_train_acc": round(res.train_accuracy, 4),
                        "epoch_acc": [round(a, 4) for a in res.epoch_accuracy], "seconds": round(time.perf_counter() - start)}
