@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.core.weights import load_generator
@@ -43,6 +42,7 @@ from cgan_cli.learning.data import load_fashion_mnist
 from cgan_cli.learning.train import build_nets, save_checkpoint, train
 from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import accuracy, train_victim
+from photo_path_bench import photo_path, survival  # the photo path and noise survival, shared with that bench
 
 VARIANTS = {"distorted": Distortions(), "plain": dataclasses.replace(Distortions.none(), crop_flip=1.0)}
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "cgan-fashion-mnist.safetensors"
@@ -57,36 +57,6 @@ def subset(n: int):
 def base_config(args, out: Path) -> TrainConfig:
     return TrainConfig(data="fashion-mnist", out=out, epsilon=args.epsilon, code_epochs=args.code_epochs, epochs=0,
                        seed=args.seed, progress=False, checkpoint_every=10**9)
-
-
-def photo_path(pixels: torch.Tensor, side: int, engine: ProtectEngine | None) -> torch.Tensor:
-    """Upscale (bicubic) to side px, protect at that size through the engine, box-downsize to 28 px."""
-    big = F.interpolate(pixels.float(), size=(side, side), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
-    protected = protect_with_engine(engine, big) if engine is not None else big
-    small = F.interpolate(protected.float(), size=pixels.shape[-2:], mode="area")
-    return small.round().clamp(0, 255).to(torch.uint8)
-
-
-def survival(weights: list[Path], x: torch.Tensor, conditions: list[str]) -> None:
-    """n_written = protected - clean at 28 px; n_after = what the victim's loader gets from the protected
-    image minus what it gets from the clean one after the same path. Correlation and RMS ratio."""
-    print("| generator | path | correlation with the written noise | RMS after / RMS written |")
-    print("|---|---|---:|---:|")
-    for path in weights:
-        engine = ProtectEngine(EngineConfig(path, device="cpu"))
-        written = protect_with_engine(engine, x)
-        n_written = written.float() - x.float()
-        for condition in conditions:
-            if condition.startswith("photo"):
-                side = int(condition.removeprefix("photo"))
-                n_after = photo_path(x, side, engine).float() - photo_path(x, side, None).float()
-            else:
-                cm = parse_countermeasure(condition)
-                n_after = cm.apply(written).float() - cm.apply(x).float()
-            a, b = n_written.flatten(), n_after.flatten()
-            corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-            ratio = float(b.pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
-            print(f"| {path.name} | {condition} | {corr:.3f} | {ratio:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -148,7 +118,7 @@ def main() -> None:
         start = time.perf_counter()
         test_px = test.pixels
         if condition.startswith("photo"):
-            train_px = photo_path(data.pixels, int(condition.removeprefix("photo")), engine)
+            train_px = photo_path(data.pixels, condition, engine)
         elif condition == "written":
             train_px = written
         else:
