@@ -6,6 +6,12 @@ Two phases, so the slow one (training) runs once and the audits can be redone:
     nice -n 10 .venv/bin/python bench/audit_bench.py audit   # every model -> runs/audit-bench/results.json
     .venv/bin/python bench/audit_bench.py table              # the markdown table in docs/audit.md
 
+Other scales go to their own folder (`--out`), with `--only` picking the models, e.g. the 10% mix and
+its clean twin on all 60,000 training images for 10 epochs:
+
+    bench/audit_bench.py train --out runs/audit-bench-60k --limit 60000 --epochs 10 --only mix10-cnn clean-cnn-s0
+    bench/audit_bench.py audit --out runs/audit-bench-60k
+
 `train` protects a seeded training subset with the shipped weights/cgan-fashion-mnist.safetensors at
 8/255 THROUGH THE ENGINE (`ProtectEngine.protect_batch`, what `cgan protect` runs), trains victims
 (`learning.victims.fit_victim`) and saves them with torch.jit.script (torch.jit.trace for ResNet-18).
@@ -37,8 +43,6 @@ from cgan_cli.learning.verify import protect_with_engine, subsample  # noqa: E40
 from cgan_cli.learning.victims import fit_victim  # noqa: E402
 
 WEIGHTS = ROOT / "weights" / "cgan-fashion-mnist.safetensors"
-OUT = ROOT / "runs" / "audit-bench"
-MODELS = OUT / "models"
 
 
 class LeNet(nn.Module):
@@ -99,8 +103,14 @@ def export(model: nn.Module, arch: str, path: Path) -> None:
     torch.jit.save(scripted, str(path))
 
 
+def selected(name: str, args: argparse.Namespace) -> bool:
+    """`--only`: a model is trained / audited when its name contains one of the given strings."""
+    return not args.only or any(s in name for s in args.only)
+
+
 def train_phase(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    models = args.out / "models"
     train = subsample(load_fashion_mnist("train"), args.limit, 0)
     test = subsample(load_fashion_mnist("test"), 1000, 1)  # per-epoch accuracy only
     engine = ProtectEngine(EngineConfig(WEIGHTS, "cpu", "fp32", args.epsilon, batch_size=256))
@@ -113,23 +123,25 @@ def train_phase(args: argparse.Namespace) -> None:
     jpeg75 = parse_countermeasure("jpeg:75").apply
     blur1 = parse_countermeasure("blur:1").apply
     test_x, records = test.floats(), {}
-    index_path = MODELS / "index.json"
+    index_path = models / "index.json"
     if index_path.is_file():
         records = json.loads(index_path.read_text())
 
     def run(name: str, arch: str, pixels: torch.Tensor, seed: int, epochs: int, n: int | None = None,
-            start_from: nn.Module | None = None, lr: float = 0.05, test_pixels=None) -> nn.Module:
-        if name in records and (MODELS / f"{name}.pt").is_file() and not args.redo:
+            start_from: nn.Module | None = None, lr: float | None = None, test_pixels=None) -> nn.Module:
+        if not selected(name, args):
+            return None
+        if name in records and (models / f"{name}.pt").is_file() and not args.redo:
             print(f"{name}: kept", flush=True)
             return None
-        n = n or len(pixels)
+        n, lr = n or len(pixels), lr or args.lr
         cfg = VictimConfig(arch=arch if arch in ("cnn", "resnet18") else "cnn", epochs=epochs, batch_size=128, lr=lr,
                            seed=seed, device="cpu")
         t0 = time.perf_counter()
         tx = test_x if test_pixels is None else test_pixels
         model, res = fit_victim(pixels[:n].float().div(255), train.labels[:n], tx, test.labels, 10, cfg,
                                 model=start_from if start_from is not None else fresh(arch))
-        export(model, arch, MODELS / f"{name}.pt")
+        export(model, arch, models / f"{name}.pt")
         records[name] = {"arch": arch, "train_images": n, "epochs": epochs, "seed": seed, "lr": lr,
                          "clean_test_accuracy": res.test_accuracy, "train_accuracy": res.train_accuracy,
                          "seconds": time.perf_counter() - t0}
@@ -147,9 +159,11 @@ def train_phase(args: argparse.Namespace) -> None:
         run(f"clean-{arch}-s0", arch, train.pixels, 0, e)
     # countermeasures: the protected-trained CNN fine-tuned on a JPEG-75 / blurred copy of its data (the
     # victim's preprocessing, so its test images pass through it too)
-    if base is None:
-        base = _unscript_cnn(torch.jit.load(str(MODELS / "protected-cnn.pt")))
     for cm_name, cm in (("jpeg75", jpeg75), ("blur1", blur1)):
+        if not selected(f"protected-cnn-ft-{cm_name}", args):
+            continue
+        if base is None:
+            base = _unscript_cnn(torch.jit.load(str(models / "protected-cnn.pt")))
         run(f"protected-cnn-ft-{cm_name}", "cnn", cm(protected), 1, args.ft_epochs, start_from=_unscript_cnn(base), lr=0.02,
             test_pixels=cm(test.pixels).float().div(255))
     for seed in range(1, args.clean_seeds):  # cheap clean models for the false-positive rate
@@ -160,7 +174,8 @@ def train_phase(args: argparse.Namespace) -> None:
         for arch in ("lenet", "allconv", "cnn"):
             run(f"clean-{arch}-s{seed}", arch, train.pixels, seed, e)
     if args.resnet_limit:
-        run("protected-resnet18", "resnet18", protected, 0, args.resnet_epochs, n=args.resnet_limit)
+        run(f"protected-resnet18-{args.resnet_limit}x{args.resnet_epochs}", "resnet18", protected, 0, args.resnet_epochs,
+            n=args.resnet_limit)
 
 
 def _unscript_cnn(scripted: nn.Module) -> nn.Module:
@@ -184,22 +199,27 @@ def write_test_pngs(n: int, folder: Path) -> Path:
     return folder
 
 
+def results_file(args: argparse.Namespace) -> Path:
+    """results.json for the CLI's default control sets, results-csN.json for N sets: both can be compared."""
+    return args.out / ("results.json" if args.control_sets is None else f"results-cs{args.control_sets}.json")
+
+
 def audit_phase(args: argparse.Namespace) -> None:
     from cgan_cli.learning.audit import audit
     from cgan_cli.learning.config import AuditConfig
 
     torch.set_num_threads(args.threads)
-    images = write_test_pngs(args.images, OUT / "test-png")
-    records = json.loads((MODELS / "index.json").read_text())
-    results_path = OUT / "results.json"
+    images = write_test_pngs(args.images, args.out / "test-png")
+    records = json.loads((args.out / "models" / "index.json").read_text())
+    results_path = results_file(args)
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.redo else {}
     for name, rec in records.items():
-        if args.only and not any(s in name for s in args.only):
+        if not selected(name, args):
             continue
         if name in results and not args.redo:
             continue
         extra = {} if args.control_sets is None else {"control_sets": args.control_sets}
-        cfg = AuditConfig(model=MODELS / f"{name}.pt", weights=WEIGHTS, images=images, epsilon=args.epsilon,
+        cfg = AuditConfig(model=args.out / "models" / f"{name}.pt", weights=WEIGHTS, images=images, epsilon=args.epsilon,
                           limit=args.images, **extra)
         t0 = time.perf_counter()
         report = audit(cfg)
@@ -207,7 +227,9 @@ def audit_phase(args: argparse.Namespace) -> None:
         results[name] = {**rec, "p_value": report["p_value"], "flagged": report["flagged"], "effect": report["effect"],
                          "effect_z": report["effect_z"], "audit_seconds": seconds,
                          "code_ranks": [c["controls_below"] for c in report["codes"]], "controls": report["controls"]["count"],
-                         "matched_classes": [c["matched_class"] for c in report["codes"]]}
+                         "matched_classes": [c["matched_class"] for c in report["codes"]], "images": report["images"],
+                         "code_stats": [c["specific_log_shift"] for c in report["codes"]],
+                         "control_stats": report["controls"]["specific_log_shifts"]}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name:28s} p={report['p_value']:.2e} effect={report['effect']:+.3f} z={report['effect_z']:+.1f} "
               f"{'FLAGGED' if report['flagged'] else 'not flagged'}  ({seconds:.1f}s)", flush=True)
@@ -215,7 +237,7 @@ def audit_phase(args: argparse.Namespace) -> None:
 
 def table_phase(args: argparse.Namespace) -> None:
     """Markdown rows for docs/audit.md from results.json, and the pooled code ranks of the clean models."""
-    results = json.loads((OUT / "results.json").read_text())
+    results = json.loads(results_file(args).read_text())
     print("| model | trained on | arch | clean test acc. | p-value | flagged at 0.01 | effect | codes beating all controls |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
@@ -247,41 +269,21 @@ def unrelated_phase(args: argparse.Namespace) -> None:
     fresh_gen = type(shipped)(**meta.arch_params)
     with torch.no_grad():
         fresh_gen.tiles.mul_(shipped.tiles.std() / fresh_gen.tiles.std())
-    path = OUT / "unrelated-generator.safetensors"
+    path = args.out / "unrelated-generator.safetensors"
     save_generator(path, fresh_gen.eval(), replace(meta, recipe={"note": "random init: a generator the victims never saw"}))
-    report = audit(AuditConfig(model=MODELS / "protected-cnn.pt", weights=path, images=write_test_pngs(args.images, OUT / "test-png"),
-                               limit=args.images))
-    (OUT / "unrelated-protected-cnn.json").write_text(json.dumps(report) + "\n")
+    report = audit(AuditConfig(model=args.out / "models" / "protected-cnn.pt", weights=path,
+                               images=write_test_pngs(args.images, args.out / "test-png"), limit=args.images))
+    (args.out / "unrelated-protected-cnn.json").write_text(json.dumps(report) + "\n")
     print(f"protected-cnn vs an unrelated generator: p={report['p_value']:.2g} effect={report['effect']:+.3f}")
-
-
-def long_phase(args: argparse.Namespace) -> None:
-    """SmallCNN for 12 epochs on the 10% mix and on clean data only, then audited: does the signal grow with training?"""
-    from cgan_cli.learning.audit import audit
-    from cgan_cli.learning.config import AuditConfig
-
-    torch.set_num_threads(args.threads)
-    train = subsample(load_fashion_mnist("train"), args.limit, 0)
-    test = subsample(load_fashion_mnist("test"), 1000, 1)
-    protected = protect_with_engine(ProtectEngine(EngineConfig(WEIGHTS, "cpu", "fp32", args.epsilon, batch_size=256)), train.pixels)
-    mix = train.pixels.clone()
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))[: len(train) // 10]
-    mix[chosen] = protected[chosen]
-    images = write_test_pngs(args.images, OUT / "test-png")
-    for name, pixels in (("mix10-cnn-12ep", mix), ("clean-cnn-12ep", train.pixels)):
-        model, res = fit_victim(pixels.float().div(255), train.labels, test.floats(), test.labels, 10,
-                                VictimConfig(arch="cnn", epochs=12, batch_size=128, lr=0.05, seed=0, device="cpu"))
-        export(model, "cnn", MODELS / f"{name}.pt")
-        report = audit(AuditConfig(model=MODELS / f"{name}.pt", weights=WEIGHTS, images=images, limit=args.images))
-        (OUT / f"{name}.json").write_text(json.dumps(report) + "\n")
-        print(f"{name}: clean test acc {res.test_accuracy:.1%}, p={report['p_value']:.2g}, effect={report['effect']:+.3f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "audit", "table", "unrelated", "long"])
+    ap.add_argument("phase", choices=["train", "audit", "table", "unrelated"])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "audit-bench", help="models/, results and test PNGs")
     ap.add_argument("--limit", type=int, default=10000, help="training images (seeded subset)")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.05, help="one-cycle peak lr of the victims trained from scratch")
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--resnet-limit", type=int, default=0, help="0 = no ResNet-18 victim (too slow for the shared 2-core CPU)")
     ap.add_argument("--resnet-epochs", type=int, default=3)
@@ -289,12 +291,12 @@ def main() -> None:
     ap.add_argument("--clean-seeds-conv", type=int, default=2, help="clean LeNet / AllConv / SmallCNN seeds")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--images", type=int, default=2000, help="clean test images the audit uses")
-    ap.add_argument("--control-sets", type=int, default=None, help="control sets (default: the CLI's)")
+    ap.add_argument("--control-sets", type=int, default=None, help="control sets (default: the CLI's; other values go to results-csN.json)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", nargs="*", default=None, help="audit only models whose name contains one of these")
+    ap.add_argument("--only", nargs="*", default=None, help="train / audit only models whose name contains one of these")
     ap.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"train": train_phase, "audit": audit_phase, "table": table_phase, "unrelated": unrelated_phase, "long": long_phase}[args.phase](args)
+    {"train": train_phase, "audit": audit_phase, "table": table_phase, "unrelated": unrelated_phase}[args.phase](args)
 
 
 if __name__ == "__main__":
