@@ -141,7 +141,7 @@ class ProtectEngine:
         self.generator, self.meta = load_generator(cfg.weights, self.device)
         self.weights_sha256 = file_sha256(cfg.weights)
         self.epsilon = float(cfg.epsilon if cfg.epsilon is not None else self.meta.epsilon)
-        self.mask_floor = mask_floor_for(cfg.mask_floor, self.meta.recipe)
+        self.mask_floor = mask_floor_for(cfg.mask_floor, self.meta)
         self.add_noise = NoiseAdder(self.epsilon, self.device)
 
     def working_shape(self, height: int, width: int) -> tuple[int, int]:

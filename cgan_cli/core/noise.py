@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cgan_cli.core.formats import LUMA
+
+if TYPE_CHECKING:
+    from cgan_cli.core.weights import WeightsMeta
 
 FIXED_POINT_OFFSET = 128  # noise levels travel as bytes: level + 128
 FIXED_POINT_LIMIT = 127  # the largest budget (in levels) a byte can carry that way
@@ -31,9 +35,12 @@ ACTIVITY_FULL = 0.15  # local std (of [0, 1] luma) at and above which a pixel ge
 NO_MASK = 1.0  # mask floor that leaves every pixel at the full budget
 
 
-def mask_floor_for(override: float | None, recipe: dict) -> float:
-    """The mask floor a run uses: the --mask-floor override, else what the weights were trained with."""
-    return float(override if override is not None else recipe.get("mask_floor", NO_MASK))
+def mask_floor_for(override: float | None, meta: WeightsMeta) -> float:
+    """The mask floor a run uses: the --mask-floor override, else the weights' protect default, else
+    the floor they were trained with, else no mask."""
+    if override is not None:
+        return float(override)
+    return float(meta.protect_defaults.get("mask_floor", meta.recipe.get("mask_floor", NO_MASK)))
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:

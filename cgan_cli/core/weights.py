@@ -45,6 +45,7 @@ class WeightsMeta:
     class_names: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)  # training hyper-parameters and objective
     dataset: dict[str, Any] = field(default_factory=dict)  # name, size, fingerprint, DIGESTS_KEY (older files: no digests)
+    protect_defaults: dict[str, Any] = field(default_factory=dict)  # settings chosen after training by measurement (mask_floor)
     seed: int | None = None
     command: str = ""
     code_version: str = ""

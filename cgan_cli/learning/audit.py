@@ -171,7 +171,7 @@ class Patterns:
             raise AuditError(f"the generator has {self.codes} code; the test compares at least 2")
         self.controls = control_tiles(generator.tiles.detach(), control_sets, seed)
         self.epsilon, self.levels = epsilon, budget_levels(epsilon, 255)
-        self.mask_floor = mask_floor_for(None, meta.recipe)  # as the engine: the mask the weights were trained with
+        self.mask_floor = mask_floor_for(None, meta)  # as the engine: the weights' default mask
         self.gen_shape = working_shape(size, size, meta.working_size)
 
     def __len__(self) -> int:

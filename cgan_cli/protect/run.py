@@ -350,7 +350,7 @@ def dry_run(cfg: ProtectConfig, emit: Callable[[str], None]) -> dict:
     )
     options = cfg.encode_options()
     resume = ResumeIndex.load(cfg.out / MANIFEST_NAME, settings_key(sha, epsilon, cfg.full_res, cfg.format, cfg.quality,
-                                                                     cfg.labels_kind, mask_floor_for(cfg.mask_floor, meta.recipe)))
+                                                                     cfg.labels_kind, mask_floor_for(cfg.mask_floor, meta)))
     samples, summary.label_map = file_samples(cfg, meta)
     inside = None if cfg.single_file else inside_out(cfg.out)
     for sample in samples:
