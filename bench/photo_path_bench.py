@@ -29,25 +29,17 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
 from cgan_cli.learning.config import VictimConfig
-from cgan_cli.learning.countermeasures import parse_countermeasure
+from cgan_cli.learning.countermeasures import jpeg, parse_countermeasure
 from cgan_cli.learning.data import load_fashion_mnist
-from cgan_cli.learning.distortions import jpeg_round_trip
 from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import train_victim
 
 PHOTO = re.compile(r"photo(\d+)(?:-jpeg(\d+))?(?:-to(\d+))?(?:-down:(area|bilinear|bicubic))?$")
-
-
-def jpeg_batch(pixels: torch.Tensor, quality: int) -> torch.Tensor:
-    """(N, C, H, W) uint8 through a real JPEG at `quality` (4:2:0 for RGB), block grid at the origin."""
-    out = [jpeg_round_trip(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), quality, (0, 0)) for p in pixels]
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def downsize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -63,7 +55,7 @@ def photo_path(pixels: torch.Tensor, path: str, engine: ProtectEngine | None, co
     if engine is not None:
         big = protect_with_engine(engine, big, codes=codes)
     if quality:
-        big = jpeg_batch(big, int(quality))
+        big = jpeg(big, int(quality))
     return downsize(big, (int(target), int(target)) if target else tuple(pixels.shape[-2:]), down or "area")
 
 
