@@ -470,3 +470,27 @@ def test_readme_protect_examples_run_as_written_twice(tmp_path: Path, rgb_weight
     assert (tmp_path / "photo-protected.jpg").is_file() and (tmp_path / "out" / "img.png").is_file()
     statuses = {r["status"] for r in read_records(tmp_path / "protected" / "manifest.jsonl")}
     assert statuses == {"protected", "skipped", "ignored"}
+
+
+@pytest.mark.slow
+def test_impatient_ctrl_c_still_leaves_a_complete_manifest_and_no_traceback(tmp_path: Path) -> None:
+    photos = _photos(tmp_path / "photos", count=24, size=(384, 512))
+    out = tmp_path / "out"
+    args = ["protect", str(photos), "--out", str(out), "--weights", str(SHIPPED), "--full-res", "--workers", "1", "--batch-size", "1"]
+    proc = _start(args)
+    deadline = time.monotonic() + 240
+    while not read_records(out / "manifest.jsonl") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    for _ in range(100):  # Ctrl-C held down while the run winds down (workers, manifest, summary.json)
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    summary = json.loads((out / "summary.json").read_text())
+    done = [r for r in read_records(out / "manifest.jsonl") if r["status"] == "protected"]
+    assert summary["interrupted"] is True and summary["counts"]["protected"] == len(done) >= 1
+    assert all((out / r["output"]).is_file() for r in done)

@@ -82,6 +82,7 @@ from cgan_cli.protect.sources import (
     validate_inputs,
 )
 from cgan_cli.protect.tars import hostile_reason, shard_name
+from cgan_cli.protect.workers import interrupt_once
 
 
 def engine_config(cfg: ProtectConfig, device: str) -> EngineConfig:
@@ -299,14 +300,20 @@ def run_protect(
         if on_record:
             on_record(rec)
 
-    try:
-        protect_stream(plan.samples, plan.sink, engine, cfg.encode_options(), record, cfg.workers, plan.resume, plan.guard,
-                       seed=cfg.seed, ignore=plan.ignore, labels=cfg.labels_kind)
-    except KeyboardInterrupt:
-        plan.summary.interrupted = True
-    finally:
-        if writer is not None:
-            writer.close()
+    with interrupt_once():
+        try:
+            protect_stream(plan.samples, plan.sink, engine, cfg.encode_options(), record, cfg.workers, plan.resume, plan.guard,
+                           seed=cfg.seed, ignore=plan.ignore, labels=cfg.labels_kind)
+        except KeyboardInterrupt:
+            plan.summary.interrupted = True
+        finally:
+            if writer is not None:
+                writer.close()
+        return finish_run(plan, cfg, ctx, t0)
+
+
+def finish_run(plan: Plan, cfg: ProtectConfig, ctx: DistContext, t0: float) -> RunSummary:
+    """Timing, rank merge and summary.json for a run whose stream has ended (done or interrupted)."""
     summary = plan.summary
     summary.wall_seconds = round(time.perf_counter() - t0, 3)
     summary.images_per_second = round(summary.counts["protected"] / max(summary.wall_seconds, 1e-9), 3)

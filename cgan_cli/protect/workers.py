@@ -71,6 +71,29 @@ def sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def interrupt_once() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt once; further ones are ignored until the block ends.
+
+    Why: the first Ctrl-C starts the wind-down (shut the worker pool, close the manifest, write
+    summary.json). A second one landing there would cut the pool's shutdown short, leaving a worker
+    the interpreter then waits for at exit, and print tracebacks.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first_only(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_only)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def exit_with(parent: int, interval: float = 1.0) -> None:
     """Worker initializer: ignore Ctrl-C (the main process handles it) and exit when the main
     process is gone (a SIGKILL, an OOM kill).
