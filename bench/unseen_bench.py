@@ -10,6 +10,9 @@ their true labels, and is tested on clean TRAINING images (a fixed subset). Code
   clusters  k-means (--clusters K, seed 0) of the encoder's pooled features over the 10,000 images;
           every image of a cluster gets the cluster's majority guess (with only num_codes tiles, the
           one cluster -> code map that keeps a pattern tied to one class)
+  mixed   true-label codes for a seeded random --label-fraction of the images, the guess for the rest:
+          code/label agreement between the guess's and the labels', with the guess's own (structured)
+          errors, to find how much agreement a label-free scheme would need
   seen    control: the same protocol on images the generator WAS trained on (a fixed 10,000 of the
           training split, true-label codes), victim tested on the clean test split: separates "unseen"
           from "only 10,000 images"
@@ -40,7 +43,7 @@ from cgan_cli.learning.data import load_fashion_mnist
 from cgan_cli.learning.verify import protect_with_engine
 from cgan_cli.learning.victims import train_victim
 
-VARIANTS = ("clean", "guess", "labels", "clusters", "seen")
+VARIANTS = ("clean", "guess", "labels", "clusters", "mixed", "seen")
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
@@ -101,6 +104,7 @@ def main() -> None:
     ap.add_argument("--test-n", type=int, default=10000, help="clean TRAINING images the victim is tested on (fixed subset)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clusters", type=int, default=100, help="k of the clusters variant")
+    ap.add_argument("--label-fraction", type=float, default=0.5, help="mixed: share of images given their true label's code")
     ap.add_argument("--purity", action="store_true", help="print the cluster purity table and stop")
     ap.add_argument("--json", type=Path, help="append one JSON line per result here")
     args = ap.parse_args()
@@ -135,6 +139,10 @@ def main() -> None:
             feats, logits = encoder_outputs(engine.generator, unseen.floats())
             assign = kmeans(feats, args.clusters)
             codes = majority(logits.argmax(1), assign, args.clusters, 10)[assign]
+        elif variant == "mixed":
+            _, logits = encoder_outputs(engine.generator, unseen.floats())
+            known = torch.rand(len(unseen), generator=torch.Generator().manual_seed(0)) < args.label_fraction
+            codes = torch.where(known, unseen.labels, logits.argmax(1))
         if variant == "clean":
             pixels = unseen.pixels
         else:
@@ -143,7 +151,7 @@ def main() -> None:
         if variant == "guess":
             with torch.inference_mode():
                 codes_used = torch.cat([engine.generator.code_logits(unseen.floats()[i : i + 1000]).argmax(1) for i in range(0, len(unseen), 1000)])
-        codes_used = codes if variant == "clusters" else codes_used
+        codes_used = codes if variant in ("clusters", "mixed") else codes_used
         code_agreement = None if codes_used is None else round(float((codes_used == unseen.labels).float().mean()), 4)
         for seed in args.seeds:
             vcfg = VictimConfig(epochs=args.victim_epochs, seed=seed)
@@ -153,6 +161,7 @@ def main() -> None:
                    "victim_train_acc": round(res.train_accuracy, 4), "curve": [round(c, 4) for c in res.epoch_accuracy],
                    "code_label_agreement": 1.0 if variant == "labels" else code_agreement,
                    "clusters": args.clusters if variant == "clusters" else None,
+                   "label_fraction": args.label_fraction if variant == "mixed" else None,
                    "protect_seconds": round(protect_seconds, 1), "victim_seconds": round(res.seconds, 1), "weights": str(weights)}
             emit(row, args.json)
 
