@@ -207,6 +207,17 @@ def _ctrl_c(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
+def _start_mid_run(photos: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """A slow run (24 photos, one at a time) of which the first image is done: returns (process, its args)."""
+    _photos(photos, count=24, size=(384, 512))
+    args = ["protect", str(photos), "--out", str(out), "--weights", str(SHIPPED), "--full-res", "--workers", "1", "--batch-size", "1"]
+    proc = _start(args)
+    deadline = time.monotonic() + 240
+    while not read_records(out / "manifest.jsonl") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, args
+
+
 def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path) -> None:
     photos = _photos(tmp_path / "photos", count=60, size=(384, 512))  # more work than 1.5 s, even on an idle machine
     args = ["protect", str(photos), "--out", str(tmp_path / "out"), "--weights", str(SHIPPED), "--workers", "2", "--full-res"]
@@ -223,13 +234,8 @@ def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_mid_run_records_what_finished_and_the_rerun_resumes(tmp_path: Path) -> None:
-    photos = _photos(tmp_path / "photos", count=24, size=(384, 512))
     out = tmp_path / "out"
-    args = ["protect", str(photos), "--out", str(out), "--weights", str(SHIPPED), "--full-res", "--workers", "1", "--batch-size", "1"]
-    proc = _start(args)
-    deadline = time.monotonic() + 240
-    while not read_records(out / "manifest.jsonl") and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, args = _start_mid_run(tmp_path / "photos", out)
     code, err = _ctrl_c(proc)
     assert code == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
@@ -474,13 +480,8 @@ def test_readme_protect_examples_run_as_written_twice(tmp_path: Path, rgb_weight
 
 @pytest.mark.slow
 def test_impatient_ctrl_c_still_leaves_a_complete_manifest_and_no_traceback(tmp_path: Path) -> None:
-    photos = _photos(tmp_path / "photos", count=24, size=(384, 512))
     out = tmp_path / "out"
-    args = ["protect", str(photos), "--out", str(out), "--weights", str(SHIPPED), "--full-res", "--workers", "1", "--batch-size", "1"]
-    proc = _start(args)
-    deadline = time.monotonic() + 240
-    while not read_records(out / "manifest.jsonl") and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, _ = _start_mid_run(tmp_path / "photos", out)
     for _ in range(100):  # Ctrl-C held down while the run winds down (workers, manifest, summary.json)
         if proc.poll() is not None:
             break
