@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cgan_cli.core.engine import EngineConfig, ProtectEngine
+from cgan_cli.core.formats import ssim
 from cgan_cli.learning.config import VictimConfig
 from cgan_cli.learning.countermeasures import jpeg, parse_countermeasure
 from cgan_cli.learning.data import load_fashion_mnist
@@ -48,10 +49,15 @@ def downsize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Te
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def upscale(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """The photo as uploaded: a bicubic upscale to side x side, whole levels."""
+    return F.interpolate(pixels.float(), size=(side, side), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+
+
 def photo_path(pixels: torch.Tensor, path: str, engine: ProtectEngine | None, codes: torch.Tensor | None = None) -> torch.Tensor:
     """Upscale (bicubic) to S px, protect there through the engine, maybe JPEG, resize to 28 px (or T)."""
     side, quality, target, down = PHOTO.match(path).groups()
-    big = F.interpolate(pixels.float(), size=(int(side), int(side)), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    big = upscale(pixels, int(side))
     if engine is not None:
         big = protect_with_engine(engine, big, codes=codes)
     if quality:
@@ -77,6 +83,15 @@ def test_view(pixels: torch.Tensor, path: str) -> torch.Tensor:
     if photo:
         return photo_path(pixels, path, None) if photo.group(3) else pixels
     return parse_countermeasure(path).apply(pixels)
+
+
+def written_ssim(pixels: torch.Tensor, path: str, engine: ProtectEngine, n: int = 300) -> float:
+    """Mean SSIM of what `cgan protect` writes against the clean image, on the first n images: at S px
+    for a photo path (the upload the owner sees), at 28 px otherwise."""
+    photo = PHOTO.match(path)
+    clean = upscale(pixels[:n], int(photo.group(1))) if photo else pixels[:n]
+    protected = protect_with_engine(engine, clean)
+    return sum(ssim(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(), 255) for a, b in zip(clean, protected)) / len(clean)
 
 
 def survival(weights: list[Path], pixels: torch.Tensor, paths: list[str]) -> None:
@@ -125,12 +140,13 @@ def main() -> None:
         written = protect_with_engine(engine, data.pixels) if engine is not None else data.pixels
         for path in args.paths:
             train_px = after_path(data.pixels, written, path, engine)
+            quality = round(written_ssim(data.pixels, path, engine), 4) if engine is not None else 1.0
             for seed in args.victim_seeds:
                 start = time.perf_counter()
                 res = train_victim(train_px.float() / 255, data.labels, test_view(test.pixels, path).float() / 255, test.labels, 10,
                                    VictimConfig(arch=args.victim, epochs=args.victim_epochs, seed=seed))
                 row = {"weights": str(w) if w else "clean", "epsilon": engine.epsilon if engine else 0,
-                       "mask_floor": engine.mask_floor if engine else None, "path": path, "n": args.n,
+                       "mask_floor": engine.mask_floor if engine else None, "path": path, "n": args.n, "ssim_written": quality,
                        "victim": args.victim, "victim_epochs": args.victim_epochs, "victim_seed": seed,
                        "clean_test_acc": round(res.test_accuracy, 4), "victim_train_acc": round(res.train_accuracy, 4),
                        "epoch_acc": [round(a, 4) for a in res.epoch_accuracy], "seconds": round(time.perf_counter() - start)}
