@@ -85,13 +85,21 @@ def test_view(pixels: torch.Tensor, path: str) -> torch.Tensor:
     return parse_countermeasure(path).apply(pixels)
 
 
-def written_ssim(pixels: torch.Tensor, path: str, engine: ProtectEngine, n: int = 300) -> float:
-    """Mean SSIM of what `cgan protect` writes against the clean image, on the first n images: at S px
-    for a photo path (the upload the owner sees), at 28 px otherwise."""
-    photo = PHOTO.match(path)
-    clean = upscale(pixels[:n], int(photo.group(1))) if photo else pixels[:n]
-    protected = protect_with_engine(engine, clean)
+SSIM_IMAGES = 300  # images whose SSIM is averaged into a row's ssim_written
+
+
+def mean_ssim(clean: torch.Tensor, protected: torch.Tensor) -> float:
     return sum(ssim(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(), 255) for a, b in zip(clean, protected)) / len(clean)
+
+
+def written_ssim(pixels: torch.Tensor, written: torch.Tensor, path: str, engine: ProtectEngine) -> float:
+    """Mean SSIM of what `cgan protect` writes against the clean image, on the first SSIM_IMAGES: at
+    S px for a photo path (the upload the owner sees; protected again at that size), else the 28 px files."""
+    photo = PHOTO.match(path)
+    if not photo:
+        return mean_ssim(pixels[:SSIM_IMAGES], written[:SSIM_IMAGES])
+    clean = upscale(pixels[:SSIM_IMAGES], int(photo.group(1)))
+    return mean_ssim(clean, protect_with_engine(engine, clean))
 
 
 def survival(weights: list[Path], pixels: torch.Tensor, paths: list[str]) -> None:
@@ -140,7 +148,7 @@ def main() -> None:
         written = protect_with_engine(engine, data.pixels) if engine is not None else data.pixels
         for path in args.paths:
             train_px = after_path(data.pixels, written, path, engine)
-            quality = round(written_ssim(data.pixels, path, engine), 4) if engine is not None else 1.0
+            quality = round(written_ssim(data.pixels, written, path, engine), 4) if engine is not None else 1.0
             for seed in args.victim_seeds:
                 start = time.perf_counter()
                 res = train_victim(train_px.float() / 255, data.labels, test_view(test.pixels, path).float() / 255, test.labels, 10,

@@ -149,8 +149,7 @@ def main() -> None:
             pixels = protect_with_engine(engine, unseen.pixels, codes=codes)
         protect_seconds = time.perf_counter() - start
         if variant == "guess":
-            with torch.inference_mode():
-                codes_used = torch.cat([engine.generator.code_logits(unseen.floats()[i : i + 1000]).argmax(1) for i in range(0, len(unseen), 1000)])
+            codes_used = encoder_outputs(engine.generator, unseen.floats())[1].argmax(1)
         codes_used = codes if variant in ("clusters", "mixed") else codes_used
         code_agreement = None if codes_used is None else round(float((codes_used == unseen.labels).float().mean()), 4)
         for seed in args.seeds:
