@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -173,9 +174,10 @@ def train_phase(args: argparse.Namespace) -> None:
     for seed in range(1, args.clean_seeds_conv):
         for arch in ("lenet", "allconv", "cnn"):
             run(f"clean-{arch}-s{seed}", arch, train.pixels, seed, e)
-    if args.resnet_limit:
-        run(f"protected-resnet18-{args.resnet_limit}x{args.resnet_epochs}", "resnet18", protected, 0, args.resnet_epochs,
-            n=args.resnet_limit)
+    if args.resnet_limit:  # a clean twin at the same scale: does the test flag a ResNet that never saw protected images?
+        for name, pixels in (("protected", protected), ("clean", train.pixels)):
+            run(f"{name}-resnet18-{args.resnet_limit}x{args.resnet_epochs}", "resnet18", pixels, 0, args.resnet_epochs,
+                n=args.resnet_limit)
 
 
 def _unscript_cnn(scripted: nn.Module) -> nn.Module:
@@ -200,8 +202,9 @@ def write_test_pngs(n: int, folder: Path) -> Path:
 
 
 def results_file(args: argparse.Namespace) -> Path:
-    """results.json for the CLI's default control sets, results-csN.json for N sets: both can be compared."""
-    return args.out / ("results.json" if args.control_sets is None else f"results-cs{args.control_sets}.json")
+    """results.json for the CLI's default controls, results-csN.json for N sets, results-KIND.json for --controls KIND."""
+    suffix = ("" if args.control_sets is None else f"-cs{args.control_sets}") + ("" if args.controls is None else f"-{args.controls}")
+    return args.out / f"results{suffix}.json"
 
 
 def audit_phase(args: argparse.Namespace) -> None:
@@ -219,6 +222,8 @@ def audit_phase(args: argparse.Namespace) -> None:
         if name in results and not args.redo:
             continue
         extra = {} if args.control_sets is None else {"control_sets": args.control_sets}
+        if args.controls is not None:
+            extra["controls"] = args.controls
         cfg = AuditConfig(model=args.out / "models" / f"{name}.pt", weights=WEIGHTS, images=images, epsilon=args.epsilon,
                           limit=args.images, **extra)
         t0 = time.perf_counter()
@@ -238,13 +243,17 @@ def audit_phase(args: argparse.Namespace) -> None:
 def table_phase(args: argparse.Namespace) -> None:
     """Markdown rows for docs/audit.md from results.json, and the pooled code ranks of the clean models."""
     results = json.loads(results_file(args).read_text())
-    print("| model | trained on | arch | clean test acc. | p-value | flagged at 0.01 | effect | codes beating all controls |")
-    print("|---|---|---|---|---|---|---|---|")
+    other_path = results_file(argparse.Namespace(**{**vars(args), "controls": "shuffled"}))
+    other = json.loads(other_path.read_text()) if args.controls != "shuffled" and other_path.is_file() else {}
+    print("| model | trained on | arch | clean test acc. | p-value | flagged at 0.01 | effect | codes beating all controls |"
+          + (" p, shuffled controls |" if other else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if other else ""))
     for name, r in results.items():
         data = name.split("-")[0] if not name.startswith("protected-cnn-ft") else "protected, then fine-tuned on " + name.rsplit("-", 1)[1]
         best = sum(rank == r.get("controls", 2 * len(r["code_ranks"])) for rank in r["code_ranks"])
         print(f"| {name} | {data} ({r['train_images']} img, {r['epochs']} ep) | {r['arch']} | {r['clean_test_accuracy']:.1%} | "
-              f"{r['p_value']:.2g} | {'yes' if r['flagged'] else 'no'} | {r['effect']:+.3f} | {best}/{len(r['code_ranks'])} |")
+              f"{r['p_value']:.2g} | {'yes' if r['flagged'] else 'no'} | {r['effect']:+.3f} | {best}/{len(r['code_ranks'])} |"
+              + (f" {other[name]['p_value']:.2g} |" if name in other else (" - |" if other else "")))
     clean = {n: r for n, r in results.items() if n.startswith("clean-")}
     if clean:
         ps = sorted(r["p_value"] for r in clean.values())
@@ -253,6 +262,31 @@ def table_phase(args: argparse.Namespace) -> None:
         ranks = [rank for r in clean.values() for rank in r["code_ranks"]]
         print(f"pooled code ranks among controls (uniform on 0..M under the null): mean {np.mean(ranks):.2f}, "
               f"{len(ranks)} codes; histogram {np.bincount(ranks).tolist()}")
+
+
+def binomial_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided exact (Clopper-Pearson) upper bound on a rate after k events in n trials."""
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        cdf = sum(math.comb(n, i) * mid**i * (1 - mid) ** (n - i) for i in range(k + 1))
+        lo, hi = (mid, hi) if cdf > 1 - confidence else (lo, mid)
+    return hi
+
+
+def null_phase(args: argparse.Namespace) -> None:
+    """The clean models of every --pool folder: how their p-values compare with the uniform a valid test gives."""
+    ps = []
+    for folder in args.pool:
+        results = json.loads(results_file(argparse.Namespace(**{**vars(args), "out": folder})).read_text())
+        ps += [(f"{folder.name}/{n}", r["p_value"]) for n, r in results.items() if n.startswith("clean-")]
+    values = np.array([p for _, p in ps])
+    print(f"controls {args.controls or 'default'}: {len(values)} clean models")
+    for level in (0.01, 0.05, 0.1, 0.2, 0.5):
+        k = int((values < level).sum())
+        print(f"  p < {level:<4}: {k:3d} ({k / len(values):.1%}; a valid test: at most {level:.0%}); 95% upper bound "
+              f"on the rate {binomial_upper(k, len(values)):.1%}")
+    print("  smallest: " + ", ".join(f"{n} {p:.3g}" for n, p in sorted(ps, key=lambda t: t[1])[:5]))
 
 
 def unrelated_phase(args: argparse.Namespace) -> None:
@@ -279,7 +313,7 @@ def unrelated_phase(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["train", "audit", "table", "unrelated"])
+    ap.add_argument("phase", choices=["train", "audit", "table", "null", "unrelated"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "audit-bench", help="models/, results and test PNGs")
     ap.add_argument("--limit", type=int, default=10000, help="training images (seeded subset)")
     ap.add_argument("--epochs", type=int, default=4)
@@ -292,11 +326,13 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--images", type=int, default=2000, help="clean test images the audit uses")
     ap.add_argument("--control-sets", type=int, default=None, help="control sets (default: the CLI's; other values go to results-csN.json)")
+    ap.add_argument("--controls", choices=["shuffled", "balanced"], default=None, help="control kind (default: the CLI's; others go to results-KIND.json)")
+    ap.add_argument("--pool", type=Path, nargs="*", default=[], help="null: the --out folders whose clean models are pooled")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="train / audit only models whose name contains one of these")
     ap.add_argument("--redo", action="store_true")
     args = ap.parse_args()
-    {"train": train_phase, "audit": audit_phase, "table": table_phase, "unrelated": unrelated_phase}[args.phase](args)
+    {"train": train_phase, "audit": audit_phase, "table": table_phase, "null": null_phase, "unrelated": unrelated_phase}[args.phase](args)
 
 
 if __name__ == "__main__":

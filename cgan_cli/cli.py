@@ -16,6 +16,7 @@ import typer
 from cgan_cli import __version__
 from cgan_cli.core.choices import (
     COUNTERMEASURES,
+    AuditControls,
     Baseline,
     GeneratorArch,
     ModelOutputs,
@@ -326,6 +327,7 @@ def audit_command(
     weights: Path | None = typer.Option(None, "--weights", "-w", help="The generator whose protection you look for (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_APROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units the images were protected at. Default: the weights' own.", rich_help_panel=_APROT),
     control_sets: int = typer.Option(AUDIT.control_sets, "--control-sets", min=1, help="Sets of control patterns (as many as the generator has codes each; the null). Each pattern costs one model pass over the images.", rich_help_panel=_ATEST),
+    controls: AuditControls = typer.Option(AUDIT.controls, "--controls", help="Control patterns: shuffled (each tile's values in other positions: same mean) or balanced (shuffled, signs flipped to a zero mean: for a model that keyed on how bright or dark the noise is; docs/audit.md).", rich_help_panel=_ATEST),
     limit: int | None = typer.Option(AUDIT.limit, "--limit", min=1, help="Use at most this many images (a seeded random subset).", rich_help_panel=_ATEST),
     alpha: float = typer.Option(AUDIT.alpha, "--alpha", help="Significance level of the verdict.", rich_help_panel=_ATEST),
     seed: int = typer.Option(AUDIT.seed, "--seed", help="Draws the control patterns and the image subset.", rich_help_panel=_ATEST),
@@ -340,7 +342,8 @@ def audit_command(
 
     cfg = AuditConfig(
         model=model, weights=weights, images=images, predict=predict, size=size, channels=channels, mean=mean, std=std,
-        outputs=ModelOutputs(outputs).value, epsilon=epsilon, control_sets=control_sets, limit=limit, alpha=alpha,
+        outputs=ModelOutputs(outputs).value, epsilon=epsilon, control_sets=control_sets,
+        controls=AuditControls(controls).value, limit=limit, alpha=alpha,
         batch_size=batch_size, seed=seed,
     )
     raise typer.Exit(audit_cli(cfg, json_out=json_out))

@@ -40,6 +40,13 @@ class ModelOutputs(str, Enum):
     probs = "probs"
 
 
+class AuditControls(str, Enum):
+    """The null patterns of `cgan audit` (learning/audit.py `control_tiles`; docs/audit.md says when to use which)."""
+
+    shuffled = "shuffled"  # each tile's pixel positions shuffled: same values, mean, norm
+    balanced = "balanced"  # shuffled, with signs flipped so each channel averages ~0: same norm, no mean
+
+
 class GeneratorArch(str, Enum):
     """Trainable generators (core/generators.py); v3 is what the shipped weights use."""
 

@@ -9,10 +9,11 @@ source -> engine -> sink:
   only) and clean unlabeled images fitted to its input convention;
 - engine: for each generator code k, the images plus the noise G would add had its encoder chosen k
   (`noise_for_code`); for each control, the same with one of the tiles' pixels shuffled (same values,
-  norm and period; through G's tanh the same L-inf bound). Each pattern's statistic is the largest
-  rise, over the model's classes, of the mean log-probability, beyond what the other patterns of its
-  set do; taking the best class per pattern makes the model's class numbering irrelevant. A
-  one-sided exact Wilcoxon rank-sum test asks whether the codes' statistics rank above the controls';
+  norm and period; through G's tanh the same L-inf bound; `--controls balanced`: some signs flipped
+  so the mean is gone). Each pattern's statistic is the largest rise, over the model's classes, of
+  the mean log-probability, beyond what the other patterns of its set do; taking the best class per
+  pattern makes the model's class numbering irrelevant. A one-sided exact Wilcoxon rank-sum test
+  asks whether the codes' statistics rank above the controls';
 - sink: a rich table, or JSON with p_value, verdict, effect and the per-code rows.
 """
 
@@ -134,20 +135,38 @@ def load_model(cfg: AuditConfig) -> tuple[Predict, dict[str, Any]]:
 # ----------------------------------------------------------------------------- engine: patterns
 
 
-def control_tiles(tiles: torch.Tensor, sets: int, seed: int) -> torch.Tensor:
+def control_tiles(tiles: torch.Tensor, sets: int, seed: int, kind: str) -> torch.Tensor:
     """`sets` x K control tiles: tile j % K with its pixel positions shuffled (the same shuffle for every channel).
 
-    Each control keeps its tile's exact values (so its mean, L2 norm, value histogram and period) and,
+    `shuffled` keeps the tile's exact values (so its mean, L2 norm, value histogram and period) and,
     through the same local head and tanh, the same L-inf bound; only the spatial arrangement that a
-    victim could have learned is gone. (Phase-randomised tiles, which keep the power spectrum, are no
-    control: a victim trained with random crops keys on the spectrum and reacts to them as to the
-    code itself; see docs/audit.md.)
+    victim could have learned is gone. `balanced` also flips the signs of some values so that each
+    channel's mean after tanh is as close to 0 as the values allow: same magnitudes, norm and bound,
+    but no mean, for a victim that learned a tile by how bright or dark it is on average, which a
+    shuffle keeps (tanh is odd, so a flipped value is exactly the negated noise). (Phase-randomised
+    tiles, which keep the power spectrum, are no control: a victim trained with random crops keys on
+    the spectrum and reacts to them as to the code itself; see docs/audit.md.)
     """
     gen = torch.Generator().manual_seed(seed)
     k, c, h, w = tiles.shape
     flat = tiles.reshape(k, c, h * w)
+    if kind == "balanced":
+        flat = torch.stack([zero_mean_signs(tile) for tile in flat])
     out = [flat[j % k][:, torch.randperm(h * w, generator=gen)] for j in range(sets * k)]
     return torch.stack(out).reshape(sets * k, c, h, w)
+
+
+def zero_mean_signs(tile: torch.Tensor) -> torch.Tensor:
+    """(C, N) pre-tanh values with signs chosen greedily, largest magnitude first, to keep each row's tanh sum near 0."""
+    out = torch.empty_like(tile)
+    for ch, values in enumerate(tile):
+        magnitude = values.abs()
+        total = 0.0
+        for i in magnitude.argsort(descending=True).tolist():
+            sign = -1.0 if total > 0 else 1.0
+            out[ch, i] = sign * magnitude[i]
+            total += sign * float(torch.tanh(magnitude[i]))
+    return out
 
 
 def _to_channels(x: torch.Tensor, channels: int, average: bool) -> torch.Tensor:
@@ -164,12 +183,13 @@ def _to_channels(x: torch.Tensor, channels: int, average: bool) -> torch.Tensor:
 class Patterns:
     """Adds pattern p (codes first, then controls) to a uint8 batch, in whole levels within epsilon, as protect does."""
 
-    def __init__(self, generator: torch.nn.Module, meta, epsilon: float, size: int, control_sets: int, seed: int) -> None:
+    def __init__(self, generator: torch.nn.Module, meta, epsilon: float, size: int, control_sets: int, seed: int,
+                 controls: str) -> None:
         self.generator, self.meta = generator, meta
         self.codes = int(generator.num_codes)
         if self.codes < 2:
             raise AuditError(f"the generator has {self.codes} code; the test compares at least 2")
-        self.controls = control_tiles(generator.tiles.detach(), control_sets, seed)
+        self.controls = control_tiles(generator.tiles.detach(), control_sets, seed, controls)
         self.epsilon, self.levels = epsilon, budget_levels(epsilon, 255)
         self.mask_floor = mask_floor_for(None, meta)  # as the engine: the weights' default mask
         self.gen_shape = working_shape(size, size, meta.working_size)
@@ -368,7 +388,7 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
         raise AuditError(f"--channels {channels}: must be 1 or 3")
     epsilon = float(cfg.epsilon if cfg.epsilon is not None else meta.epsilon)
     pixels, used, skipped = load_unlabeled(Path(cfg.images), size, channels, cfg.limit, cfg.seed)
-    patterns = Patterns(generator, meta, epsilon, size, cfg.control_sets, cfg.seed)
+    patterns = Patterns(generator, meta, epsilon, size, cfg.control_sets, cfg.seed, cfg.controls)
     measured = measure(predict, pixels, patterns, cfg, channels)
     stats = statistics(measured, patterns.codes, cfg.alpha)
     names = meta.class_names if len(meta.class_names) == patterns.codes else [str(k) for k in range(patterns.codes)]
@@ -386,7 +406,7 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
                       "change when the pattern is added) minus the same for the other patterns of its set"),
         "codes": stats["codes"],
         "distinct_matched_classes": stats["distinct_matched_classes"],
-        "controls": stats["controls"],
+        "controls": {**stats["controls"], "kind": cfg.controls},
         "images": len(used),
         "skipped_images": skipped,
         "model_classes": int(measured["log"].shape[1]),
@@ -407,7 +427,7 @@ def results_table(report: dict[str, Any]) -> Table:
     controls = report["controls"]
     table = Table(title="cgan audit", caption=(
         f"{report['images']} images. specific: rise of the model class's mean log-probability when the code's pattern "
-        f"is added, beyond the other codes' (controls: {controls['count']} shuffled tiles, {controls['mean']:+.2f} ± "
+        f"is added, beyond the other codes' (controls: {controls['count']} {controls['kind']} tiles, {controls['mean']:+.2f} ± "
         f"{controls['std']:.2f}); probability / top-1: that class's mean probability and top-1 share, with vs without"))
     for col in ("code", "generator\nclass", "model\nclass", "specific", "prob-\nability", "top-1", "z", "beats\ncontrols"):
         table.add_column(col, justify="left" if col in ("code", "generator\nclass") else "right")
