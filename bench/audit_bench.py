@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cgan_cli.core.choices import AuditControls  # noqa: E402
 from cgan_cli.core.engine import EngineConfig, ProtectEngine  # noqa: E402
 from cgan_cli.learning.config import VictimConfig  # noqa: E402
 from cgan_cli.learning.countermeasures import parse_countermeasure  # noqa: E402
@@ -326,7 +327,7 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--images", type=int, default=2000, help="clean test images the audit uses")
     ap.add_argument("--control-sets", type=int, default=None, help="control sets (default: the CLI's; other values go to results-csN.json)")
-    ap.add_argument("--controls", choices=["shuffled", "balanced"], default=None, help="control kind (default: the CLI's; others go to results-KIND.json)")
+    ap.add_argument("--controls", choices=[kind.value for kind in AuditControls], default=None, help="control kind (default: the CLI's; others go to results-KIND.json)")
     ap.add_argument("--pool", type=Path, nargs="*", default=[], help="null: the --out folders whose clean models are pooled")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="train / audit only models whose name contains one of these")

@@ -327,7 +327,7 @@ def audit_command(
     weights: Path | None = typer.Option(None, "--weights", "-w", help="The generator whose protection you look for (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_APROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units the images were protected at. Default: the weights' own.", rich_help_panel=_APROT),
     control_sets: int = typer.Option(AUDIT.control_sets, "--control-sets", min=1, help="Sets of control patterns (as many as the generator has codes each; the null). Each pattern costs one model pass over the images.", rich_help_panel=_ATEST),
-    controls: AuditControls = typer.Option(AUDIT.controls, "--controls", help="Control patterns: shuffled (each tile's values in other positions: same mean) or balanced (shuffled, signs flipped to a zero mean: for a model that keyed on how bright or dark the noise is; docs/audit.md).", rich_help_panel=_ATEST),
+    controls: AuditControls = typer.Option(AUDIT.controls, "--controls", help="Control patterns: balanced (each tile's values re-signed to a zero mean, then shuffled: no clean model of the bench flagged) or shuffled (the same values in other positions, mean kept: flags some clean models with the shipped Fashion-MNIST generator; docs/audit.md).", rich_help_panel=_ATEST),
     limit: int | None = typer.Option(AUDIT.limit, "--limit", min=1, help="Use at most this many images (a seeded random subset).", rich_help_panel=_ATEST),
     alpha: float = typer.Option(AUDIT.alpha, "--alpha", help="Significance level of the verdict.", rich_help_panel=_ATEST),
     seed: int = typer.Option(AUDIT.seed, "--seed", help="Draws the control patterns and the image subset.", rich_help_panel=_ATEST),
