@@ -203,9 +203,23 @@ def write_test_pngs(n: int, folder: Path) -> Path:
 
 
 def results_file(args: argparse.Namespace) -> Path:
-    """results.json for the CLI's default controls, results-csN.json for N sets, results-KIND.json for --controls KIND."""
+    """results.json for the CLI's defaults; results-csN.json for N sets, -KIND for --controls KIND, -seedS for --seed S."""
     suffix = ("" if args.control_sets is None else f"-cs{args.control_sets}") + ("" if args.controls is None else f"-{args.controls}")
+    suffix += f"-seed{args.seed}" if args.seed else ""
     return args.out / f"results{suffix}.json"
+
+
+def p_with_sets(result: dict, sets: int) -> float:
+    """The p-value the same audit gives with only the first `sets` control sets.
+
+    Exact, not an approximation: control j is drawn by the j-th permutation of the seeded sequence and
+    contrasted only within its own set, so a run with fewer sets has exactly these first controls
+    and statistics.
+    """
+    from cgan_cli.learning.audit import rank_sum_p_value
+
+    k = len(result["code_stats"])
+    return rank_sum_p_value(result["code_stats"], result["control_stats"][: sets * k])
 
 
 def audit_phase(args: argparse.Namespace) -> None:
@@ -226,7 +240,7 @@ def audit_phase(args: argparse.Namespace) -> None:
         if args.controls is not None:
             extra["controls"] = args.controls
         cfg = AuditConfig(model=args.out / "models" / f"{name}.pt", weights=WEIGHTS, images=images, epsilon=args.epsilon,
-                          limit=args.images, **extra)
+                          limit=args.images, seed=args.seed, **extra)
         t0 = time.perf_counter()
         report = audit(cfg)
         seconds = time.perf_counter() - t0
@@ -247,14 +261,14 @@ def table_phase(args: argparse.Namespace) -> None:
     other_path = results_file(argparse.Namespace(**{**vars(args), "controls": "shuffled"}))
     other = json.loads(other_path.read_text()) if args.controls != "shuffled" and other_path.is_file() else {}
     print("| model | trained on | arch | clean test acc. | p-value | flagged at 0.01 | effect | codes beating all controls |"
-          + (" p, shuffled controls |" if other else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if other else ""))
+          " p, 2 control sets |" + (" p, shuffled controls |" if other else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if other else ""))
     for name, r in results.items():
         data = name.split("-")[0] if not name.startswith("protected-cnn-ft") else "protected, then fine-tuned on " + name.rsplit("-", 1)[1]
         best = sum(rank == r.get("controls", 2 * len(r["code_ranks"])) for rank in r["code_ranks"])
         print(f"| {name} | {data} ({r['train_images']} img, {r['epochs']} ep) | {r['arch']} | {r['clean_test_accuracy']:.1%} | "
               f"{r['p_value']:.2g} | {'yes' if r['flagged'] else 'no'} | {r['effect']:+.3f} | {best}/{len(r['code_ranks'])} |"
-              + (f" {other[name]['p_value']:.2g} |" if name in other else (" - |" if other else "")))
+              f" {p_with_sets(r, 2):.2g} |" + (f" {other[name]['p_value']:.2g} |" if name in other else (" - |" if other else "")))
     clean = {n: r for n, r in results.items() if n.startswith("clean-")}
     if clean:
         ps = sorted(r["p_value"] for r in clean.values())
@@ -275,19 +289,56 @@ def binomial_upper(k: int, n: int, confidence: float = 0.95) -> float:
     return hi
 
 
+def mann_whitney_z(result: dict, sets: int) -> float:
+    """The codes' Mann-Whitney U against the first `sets` control sets, standardised by its exact null mean and sd."""
+    codes = np.asarray(result["code_stats"])
+    controls = np.asarray(result["control_stats"][: sets * len(codes)])
+    k, m = len(codes), len(controls)
+    u = float((controls[None, :] < codes[:, None]).sum() + 0.5 * (controls[None, :] == codes[:, None]).sum())
+    return (u - k * m / 2) / math.sqrt(k * m * (k + m + 1) / 12)
+
+
+def tail_extrapolation(z: list[float], level: float = 0.01) -> str:
+    """The false-positive rate at `level` if clean models' z-scores are normal, from a 95% upper bound on their mean and sd.
+
+    A valid test has z ~ N(0, 1) or below; counting flags at 1% needs hundreds of models, while the
+    mean and spread of z are pinned down by dozens. The bound assumes the z-scores' normal shape (the
+    exact null of U is close to normal at these sizes), which the pool itself can be checked for.
+    """
+    z = np.asarray(z, dtype=float)
+    n, mean, sd = len(z), float(z.mean()), float(z.std(ddof=1))
+    mean_upper = mean + 1.645 * sd / math.sqrt(n)
+    chi2_low = (n - 1) * (1 - 2 / (9 * (n - 1)) - 1.645 * math.sqrt(2 / (9 * (n - 1)))) ** 3  # Wilson-Hilferty, 5%
+    sd_upper = sd * math.sqrt((n - 1) / chi2_low)
+    threshold = 2.326  # one-sided z for p = 0.01
+    def tail(m: float, s: float) -> float:
+        return 0.5 * math.erfc((threshold - m) / (s * math.sqrt(2)))
+    return (f"z of the clean models: mean {mean:+.2f}, sd {sd:.2f} (a valid test: mean <= 0, sd ~1; max {z.max():+.2f}); "
+            f"normal tail at p < {level}: {tail(mean, sd):.2%}, with both 95% upper bounds (mean {mean_upper:+.2f}, "
+            f"sd {sd_upper:.2f}) {tail(mean_upper, sd_upper):.2%}")
+
+
 def null_phase(args: argparse.Namespace) -> None:
     """The clean models of every --pool folder: how their p-values compare with the uniform a valid test gives."""
-    ps = []
+    clean = []
     for folder in args.pool:
         results = json.loads(results_file(argparse.Namespace(**{**vars(args), "out": folder})).read_text())
-        ps += [(f"{folder.name}/{n}", r["p_value"]) for n, r in results.items() if n.startswith("clean-")]
-    values = np.array([p for _, p in ps])
-    print(f"controls {args.controls or 'default'}: {len(values)} clean models")
-    for level in (0.01, 0.05, 0.1, 0.2, 0.5):
-        k = int((values < level).sum())
-        print(f"  p < {level:<4}: {k:3d} ({k / len(values):.1%}; a valid test: at most {level:.0%}); 95% upper bound "
-              f"on the rate {binomial_upper(k, len(values)):.1%}")
-    print("  smallest: " + ", ".join(f"{n} {p:.3g}" for n, p in sorted(ps, key=lambda t: t[1])[:5]))
+        clean += [(f"{folder.name}/{n}", r) for n, r in results.items() if n.startswith("clean-")]
+    most = min(len(r["control_stats"]) // len(r["code_stats"]) for _, r in clean)
+    for sets in sorted({2, 4, most}):
+        ps = [(n, p_with_sets(r, sets)) for n, r in clean]
+        values = np.array([p for _, p in ps])
+        print(f"controls {args.controls or 'default'}, {sets} control sets: {len(values)} clean models")
+        for level in (0.01, 0.05, 0.1, 0.2, 0.5):
+            k = int((values < level).sum())
+            print(f"  p < {level:<4}: {k:3d} ({k / len(values):.1%}; a valid test: at most {level:.0%}); 95% upper bound "
+                  f"on the rate {binomial_upper(k, len(values)):.1%}")
+        print("  smallest: " + ", ".join(f"{n} {p:.3g}" for n, p in sorted(ps, key=lambda t: t[1])[:5]))
+        print("  all: " + tail_extrapolation([mann_whitney_z(r, sets) for _, r in clean]))
+        for arch in sorted({r["arch"] for _, r in clean}):
+            z = [mann_whitney_z(r, sets) for _, r in clean if r["arch"] == arch]
+            if len(z) >= 5:  # fewer: no spread to speak of
+                print(f"  {arch} ({len(z)}): " + tail_extrapolation(z))
 
 
 def unrelated_phase(args: argparse.Namespace) -> None:
@@ -329,6 +380,7 @@ def main() -> None:
     ap.add_argument("--control-sets", type=int, default=None, help="control sets (default: the CLI's; other values go to results-csN.json)")
     ap.add_argument("--controls", choices=[kind.value for kind in AuditControls], default=None, help="control kind (default: the CLI's; others go to results-KIND.json)")
     ap.add_argument("--pool", type=Path, nargs="*", default=[], help="null: the --out folders whose clean models are pooled")
+    ap.add_argument("--seed", type=int, default=0, help="audit: the control patterns' draw (non-zero seeds go to results-seedS.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="train / audit only models whose name contains one of these")
     ap.add_argument("--redo", action="store_true")

@@ -208,3 +208,20 @@ def test_controls_keep_each_tile_values_and_noise_for_code_matches_the_generator
     with torch.no_grad():  # forcing the code the encoder picks is exactly what G does
         assert torch.equal(hard.noise_for_code(x, hard.code_logits(x).argmax(1)), hard(x))
         assert torch.allclose(hard.noise_for_code(x, 2)[1:2], hard.noise_for_code(x[1:2], torch.tensor([2])), atol=1e-6)
+
+
+def test_the_audit_adds_each_code_as_protect_would_and_more_control_sets_keep_the_first(setup) -> None:
+    from cgan_cli.learning.audit import Patterns
+
+    generator, meta = load_generator(setup["weights"])
+    pixels = synthetic(6, seed=3).pixels
+    patterns = Patterns(generator, meta, EPSILON, SIZE, control_sets=3, seed=0, controls="balanced")
+    add = patterns.on(pixels)
+    x = pixels.float() / 255
+    with torch.no_grad():
+        for k in range(generator.num_codes):  # the local head runs once per batch; the noise is G's own for code k
+            expected = (pixels.float() + torch.round(EPSILON * generator.noise_for_code(x, k))).clamp(0, 255) / 255
+            assert torch.allclose(add(k), expected, atol=1e-6)
+    fewer = Patterns(generator, meta, EPSILON, SIZE, control_sets=1, seed=0, controls="balanced")
+    assert len(patterns) == 4 * generator.num_codes and len(fewer) == 2 * generator.num_codes
+    assert torch.equal(patterns.tiles[: len(fewer)], fewer.tiles)  # a run with fewer sets sees exactly these controls

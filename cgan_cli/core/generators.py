@@ -64,10 +64,16 @@ class ConfounderGenerator(nn.Module):
 
     def tiled_noise(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
         """tanh(per-image tile (B, C, t, t) repeated over the image + local head): G's output for given tiles."""
-        h, w = x.shape[-2:]
+        return self.noise_over(self.local_head(x), tiles)
+
+    @staticmethod
+    def noise_over(local: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """tanh(tiles repeated over `local`, the local head's (B, C, H, W) output): the tile part alone, so a
+        caller trying many tiles on the same images (`cgan audit`) runs the local head once."""
+        h, w = local.shape[-2:]
         reps = (-(-h // tiles.shape[-2]), -(-w // tiles.shape[-1]))
         pattern = tiles.repeat(1, 1, *reps)[..., :h, :w]
-        return torch.tanh(pattern + self.local_head(x))
+        return torch.tanh(pattern + local)
 
     def noise_for_code(self, x: torch.Tensor, code: int | torch.Tensor) -> torch.Tensor:
         """The noise direction G would add to `x` had its encoder chosen `code` (an int, or (B,) ints).

@@ -189,33 +189,41 @@ class Patterns:
         self.codes = int(generator.num_codes)
         if self.codes < 2:
             raise AuditError(f"the generator has {self.codes} code; the test compares at least 2")
-        self.controls = control_tiles(generator.tiles.detach(), control_sets, seed, controls)
+        code_tiles = generator.tiles.detach()
+        self.tiles = torch.cat([code_tiles, control_tiles(code_tiles, control_sets, seed, controls)])
         self.epsilon, self.levels = epsilon, budget_levels(epsilon, 255)
         self.mask_floor = mask_floor_for(None, meta)  # as the engine: the weights' default mask
         self.gen_shape = working_shape(size, size, meta.working_size)
 
     def __len__(self) -> int:
-        return self.codes + len(self.controls)
+        return len(self.tiles)
 
     @torch.inference_mode()
-    def apply(self, pixels: torch.Tensor, p: int) -> torch.Tensor:
-        """uint8 (B, C, S, S) -> float [0, 1] of the same shape with pattern p added."""
+    def on(self, pixels: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """For a uint8 (B, C, S, S) batch: p -> float [0, 1] images with pattern p added.
+
+        What depends only on the images (the working-size copy, the local head, the mask) is computed
+        once per batch; each pattern then costs one tanh (for code k the same noise as `noise_for_code`).
+        """
         x = pixels.float() / 255.0
         if tuple(x.shape[-2:]) != self.gen_shape:
             x = F.interpolate(x, size=self.gen_shape, mode="bilinear", antialias=True, align_corners=False)
-        xg = _to_channels(x, self.meta.channels, average=False)
-        if p < self.codes:
-            direction = self.generator.noise_for_code(xg, p)
-        else:
-            tile = self.controls[p - self.codes]
-            direction = self.generator.tiled_noise(xg, tile.expand(len(xg), *tile.shape))
-        direction = _to_channels(direction.float().clamp(-1, 1), pixels.shape[1], average=True)
-        if self.mask_floor < NO_MASK:
-            direction = direction * activity_mask(x, self.mask_floor)
-        if tuple(direction.shape[-2:]) != tuple(pixels.shape[-2:]):
-            direction = F.interpolate(direction, size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)
-        levels = torch.round(direction * self.epsilon).clamp(-self.levels, self.levels)
-        return (pixels.float() + levels).clamp(0, 255) / 255.0
+        local = self.generator.local_head(_to_channels(x, self.meta.channels, average=False))
+        mask = activity_mask(x, self.mask_floor) if self.mask_floor < NO_MASK else None
+
+        @torch.inference_mode()
+        def add(p: int) -> torch.Tensor:
+            tile = self.tiles[p]
+            direction = self.generator.noise_over(local, tile.expand(len(local), *tile.shape))
+            direction = _to_channels(direction.float().clamp(-1, 1), pixels.shape[1], average=True)
+            if mask is not None:
+                direction = direction * mask
+            if tuple(direction.shape[-2:]) != tuple(pixels.shape[-2:]):
+                direction = F.interpolate(direction, size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)
+            levels = torch.round(direction * self.epsilon).clamp(-self.levels, self.levels)
+            return (pixels.float() + levels).clamp(0, 255) / 255.0
+
+        return add
 
 
 # ----------------------------------------------------------------------------- engine: statistics
@@ -274,9 +282,9 @@ def measure(predict: Predict, pixels: torch.Tensor, patterns: Patterns, cfg: Aud
     outputs, sums = cfg.outputs, None
     for i in range(0, len(pixels), cfg.batch_size):
         batch = pixels[i : i + cfg.batch_size]
-        clean = None
+        add_pattern, clean = patterns.on(batch), None
         for p in range(-1, len(patterns)):  # -1 = the clean images
-            x = batch.float() / 255.0 if p < 0 else patterns.apply(batch, p)
+            x = batch.float() / 255.0 if p < 0 else add_pattern(p)
             try:
                 with torch.inference_mode():
                     scores = predict((x - mean) / std)

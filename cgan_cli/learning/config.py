@@ -138,7 +138,7 @@ class AuditConfig:
     std: tuple[float, ...] = (1.0,)
     outputs: str = "auto"  # auto | logits | probs: what the model returns
     epsilon: float | None = None  # /255 units; None = the generator's own
-    control_sets: int = 2  # sets of K control patterns (the null); smallest p-value 1 / C(K * (sets + 1), K)
+    control_sets: int = 8  # sets of K control patterns (the null); smallest p-value 1 / C(K * (sets + 1), K)
     controls: str = "balanced"  # balanced | shuffled: what a control keeps of its tile (docs/audit.md)
     limit: int | None = 2000  # at most this many images (a seeded random subset); None = all
     alpha: float = 0.01  # the verdict's significance level

@@ -1,0 +1,84 @@
+"""Victim accuracy on the photo path against the SSIM of what `cgan protect` wrote: one SVG, no plotting library.
+
+Reads the JSON rows of bench/photo_path_bench.py (one per victim; rows of one path), plots each
+(epsilon, mask floor) as a point, and marks the clean-trained accuracy, the target and chance:
+
+    python bench/photo_path_bench.py --weights weights/cgan-fashion-mnist.safetensors --paths photo112 \
+        --epsilon 16 --json runs/ssim-sweep.jsonl          # and --epsilon 4, --mask-floor 0.25, the default
+    python bench/ssim_plot.py runs/ssim-sweep.jsonl --path photo112 --out docs/ssim-vs-accuracy.svg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+WIDTH, HEIGHT, MARGIN = 640, 400, 60
+
+
+def label(row: dict) -> str:
+    floor = row.get("mask_floor")
+    mask = "no mask" if floor is None or floor >= 1 else f"mask floor {floor:g}"
+    return f"{row['epsilon']:g}/255, {mask}"
+
+
+def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
+    xs = [r["ssim_written"] for r in rows]
+    x_lo, x_hi = min(xs + [0.5]) - 0.02, 1.0
+    y_lo, y_hi = 0.0, 1.0
+
+    def px(x: float) -> float:
+        return MARGIN + (x - x_lo) / (x_hi - x_lo) * (WIDTH - 2 * MARGIN)
+
+    def py(y: float) -> float:
+        return HEIGHT - MARGIN - (y - y_lo) / (y_hi - y_lo) * (HEIGHT - 2 * MARGIN)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+           f'<text x="{WIDTH / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{MARGIN}" y1="{py(0)}" x2="{WIDTH - MARGIN}" y2="{py(0)}" stroke="black"/>',
+           f'<line x1="{MARGIN}" y1="{py(0)}" x2="{MARGIN}" y2="{py(1)}" stroke="black"/>',
+           f'<text x="{WIDTH / 2}" y="{HEIGHT - 15}" text-anchor="middle">mean SSIM of the protected upload (higher = less visible)</text>',
+           f'<text x="15" y="{HEIGHT / 2}" text-anchor="middle" transform="rotate(-90 15 {HEIGHT / 2})">victim accuracy on clean test images</text>']
+    for i in range(11):
+        y = i / 10
+        out.append(f'<text x="{MARGIN - 6}" y="{py(y) + 4}" text-anchor="end">{y:.0%}</text>')
+    steps = 5
+    for i in range(steps + 1):
+        x = x_lo + (x_hi - x_lo) * i / steps
+        out.append(f'<text x="{px(x)}" y="{py(0) + 16}" text-anchor="middle">{x:.2f}</text>')
+    for name, y in lines.items():
+        out.append(f'<line x1="{MARGIN}" y1="{py(y)}" x2="{WIDTH - MARGIN}" y2="{py(y)}" stroke="gray" stroke-dasharray="4 3"/>')
+        out.append(f'<text x="{WIDTH - MARGIN - 4}" y="{py(y) - 4}" text-anchor="end" fill="gray">{name}</text>')
+    for r in rows:
+        x, y = px(r["ssim_written"]), py(r["clean_test_acc"])
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#c0392b"/>')
+        right = x > WIDTH * 0.6  # labels near the right edge go to the point's left
+        out.append(f'<text x="{x - 7 if right else x + 7:.1f}" y="{y - 6:.1f}" text-anchor="{"end" if right else "start"}">'
+                   f'{label(r)}: {r["clean_test_acc"]:.1%}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", type=Path, help="JSON lines of bench/photo_path_bench.py")
+    ap.add_argument("--path", default="photo112", help="the path whose rows are plotted")
+    ap.add_argument("--clean", type=float, default=0.901, help="the clean-trained victim's accuracy (a reference line)")
+    ap.add_argument("--target", type=float, default=0.20)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["path"] == args.path and r["weights"] != "clean"]
+    if not rows:
+        raise SystemExit(f"no rows for path {args.path} in {args.rows}")
+    for r in sorted(rows, key=lambda r: r["ssim_written"]):
+        print(f"| {label(r)} | {r['ssim_written']:.3f} | {r['clean_test_acc']:.1%} | {r['victim_seed']} |")
+    title = f"Fashion-MNIST, {args.path} path, SmallCNN victims ({rows[0]['n']:,} images, {rows[0]['victim_epochs']} epochs)"
+    args.out.write_text(svg(rows, title, {"clean-trained": args.clean, "target": args.target, "chance": 0.10}))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
