@@ -23,6 +23,20 @@ def label(row: dict) -> str:
     return f"{row['epsilon']:g}/255, {mask}"
 
 
+def grouped(rows: list[dict]) -> list[tuple[str, list[float], float]]:
+    """One entry per (epsilon, mask floor): the victims' accuracies (one per victim seed) and the SSIM."""
+    groups: dict[str, tuple[list[float], float]] = {}
+    for r in rows:
+        accs, _ = groups.setdefault(label(r), ([], r["ssim_written"]))
+        accs.append(r["clean_test_acc"])
+    return sorted(((k, accs, ssim) for k, (accs, ssim) in groups.items()), key=lambda g: g[2])
+
+
+def accuracy_text(accs: list[float]) -> str:
+    mean = sum(accs) / len(accs)
+    return f"{mean:.1%}" if len(accs) == 1 else f"{mean:.1%} ({min(accs):.1%}-{max(accs):.1%}, {len(accs)} victims)"
+
+
 def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
     xs = [r["ssim_written"] for r in rows]
     x_lo, x_hi = min(xs + [0.5]) - 0.02, 1.0
@@ -51,12 +65,14 @@ def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
     for name, y in lines.items():
         out.append(f'<line x1="{MARGIN}" y1="{py(y)}" x2="{WIDTH - MARGIN}" y2="{py(y)}" stroke="gray" stroke-dasharray="4 3"/>')
         out.append(f'<text x="{WIDTH - MARGIN - 4}" y="{py(y) - 4}" text-anchor="end" fill="gray">{name}</text>')
-    for r in rows:
-        x, y = px(r["ssim_written"]), py(r["clean_test_acc"])
+    for setting, accs, ssim in grouped(rows):
+        x, y = px(ssim), py(sum(accs) / len(accs))
+        if len(accs) > 1:  # one victim per seed: the bar spans them
+            out.append(f'<line x1="{x:.1f}" y1="{py(min(accs)):.1f}" x2="{x:.1f}" y2="{py(max(accs)):.1f}" stroke="#c0392b"/>')
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#c0392b"/>')
         right = x > WIDTH * 0.6  # labels near the right edge go to the point's left
         out.append(f'<text x="{x - 7 if right else x + 7:.1f}" y="{y - 6:.1f}" text-anchor="{"end" if right else "start"}">'
-                   f'{label(r)}: {r["clean_test_acc"]:.1%}</text>')
+                   f'{setting}: {accuracy_text(accs)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -73,8 +89,9 @@ def main() -> None:
     rows = [r for r in rows if r["path"] == args.path and r["weights"] != "clean"]
     if not rows:
         raise SystemExit(f"no rows for path {args.path} in {args.rows}")
-    for r in sorted(rows, key=lambda r: r["ssim_written"]):
-        print(f"| {label(r)} | {r['ssim_written']:.3f} | {r['clean_test_acc']:.1%} | {r['victim_seed']} |")
+    print("| budget, mask | SSIM of the upload | victim accuracy (mean, range) |\n|---|---:|---:|")
+    for setting, accs, ssim in grouped(rows):
+        print(f"| {setting} | {ssim:.3f} | {accuracy_text(accs)} |")
     title = f"Fashion-MNIST, {args.path} path, SmallCNN victims ({rows[0]['n']:,} images, {rows[0]['victim_epochs']} epochs)"
     args.out.write_text(svg(rows, title, {"clean-trained": args.clean, "target": args.target, "chance": 0.10}))
     print(f"wrote {args.out}")
