@@ -34,13 +34,13 @@ def grouped(rows: list[dict]) -> list[tuple[str, list[float], float]]:
 
 def accuracy_text(accs: list[float]) -> str:
     mean = sum(accs) / len(accs)
-    return f"{mean:.1%}" if len(accs) == 1 else f"{mean:.1%} ({min(accs):.1%}-{max(accs):.1%}, {len(accs)} victims)"
+    return f"{mean:.1%}" if len(accs) == 1 else f"{mean:.1%} ({min(accs):.1%}-{max(accs):.1%})"
 
 
 def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
     xs = [r["ssim_written"] for r in rows]
     x_lo, x_hi = min(xs + [0.5]) - 0.02, 1.0
-    y_lo, y_hi = 0.0, 1.0
+    y_lo, y_hi = 0.0, min(1.0, max(0.4, round(max(r["clean_test_acc"] for r in rows) + 0.15, 1)))
 
     def px(x: float) -> float:
         return MARGIN + (x - x_lo) / (x_hi - x_lo) * (WIDTH - 2 * MARGIN)
@@ -52,27 +52,33 @@ def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
            f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
            f'<text x="{WIDTH / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>',
            f'<line x1="{MARGIN}" y1="{py(0)}" x2="{WIDTH - MARGIN}" y2="{py(0)}" stroke="black"/>',
-           f'<line x1="{MARGIN}" y1="{py(0)}" x2="{MARGIN}" y2="{py(1)}" stroke="black"/>',
+           f'<line x1="{MARGIN}" y1="{py(0)}" x2="{MARGIN}" y2="{py(y_hi)}" stroke="black"/>',
            f'<text x="{WIDTH / 2}" y="{HEIGHT - 15}" text-anchor="middle">mean SSIM of the protected upload (higher = less visible)</text>',
            f'<text x="15" y="{HEIGHT / 2}" text-anchor="middle" transform="rotate(-90 15 {HEIGHT / 2})">victim accuracy on clean test images</text>']
-    for i in range(11):
+    for i in range(round(y_hi * 10) + 1):
         y = i / 10
         out.append(f'<text x="{MARGIN - 6}" y="{py(y) + 4}" text-anchor="end">{y:.0%}</text>')
     steps = 5
     for i in range(steps + 1):
         x = x_lo + (x_hi - x_lo) * i / steps
         out.append(f'<text x="{px(x)}" y="{py(0) + 16}" text-anchor="middle">{x:.2f}</text>')
+    above = [f"{name}: {y:.1%}" for name, y in lines.items() if y > y_hi]
+    if above:
+        out.append(f'<text x="{WIDTH - MARGIN}" y="{py(y_hi) - 8}" text-anchor="end" fill="gray">above the chart: {", ".join(above)}</text>')
     for name, y in lines.items():
+        if y > y_hi:
+            continue
         out.append(f'<line x1="{MARGIN}" y1="{py(y)}" x2="{WIDTH - MARGIN}" y2="{py(y)}" stroke="gray" stroke-dasharray="4 3"/>')
         out.append(f'<text x="{WIDTH - MARGIN - 4}" y="{py(y) - 4}" text-anchor="end" fill="gray">{name}</text>')
-    for setting, accs, ssim in grouped(rows):
+    for i, (setting, accs, ssim) in enumerate(grouped(rows)):
         x, y = px(ssim), py(sum(accs) / len(accs))
         if len(accs) > 1:  # one victim per seed: the bar spans them
             out.append(f'<line x1="{x:.1f}" y1="{py(min(accs)):.1f}" x2="{x:.1f}" y2="{py(max(accs)):.1f}" stroke="#c0392b"/>')
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#c0392b"/>')
-        right = x > WIDTH * 0.6  # labels near the right edge go to the point's left
-        out.append(f'<text x="{x - 7 if right else x + 7:.1f}" y="{y - 6:.1f}" text-anchor="{"end" if right else "start"}">'
-                   f'{setting}: {accuracy_text(accs)}</text>')
+        # neighbours in SSIM alternate above / below their point, so their two-line labels do not collide
+        y0 = y - 34 if i % 2 == 0 else y + 20
+        out.append(f'<text x="{x:.1f}" y="{y0:.1f}" text-anchor="middle">{setting}</text>')
+        out.append(f'<text x="{x:.1f}" y="{y0 + 13:.1f}" text-anchor="middle">{accuracy_text(accs)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
