@@ -311,6 +311,7 @@ def tail_extrapolation(z: list[float], level: float = 0.01) -> str:
     chi2_low = (n - 1) * (1 - 2 / (9 * (n - 1)) - 1.645 * math.sqrt(2 / (9 * (n - 1)))) ** 3  # Wilson-Hilferty, 5%
     sd_upper = sd * math.sqrt((n - 1) / chi2_low)
     threshold = 2.326  # one-sided z for p = 0.01
+
     def tail(m: float, s: float) -> float:
         return 0.5 * math.erfc((threshold - m) / (s * math.sqrt(2)))
     return (f"z of the clean models: mean {mean:+.2f}, sd {sd:.2f} (a valid test: mean <= 0, sd ~1; max {z.max():+.2f}); "

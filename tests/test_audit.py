@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cgan_cli.cli import app
 from cgan_cli.core.generators import DeepCodeGenerator
 from cgan_cli.core.weights import load_generator, save_generator
-from cgan_cli.learning.audit import control_tiles, rank_sum_p_value
+from cgan_cli.learning.audit import Patterns, control_tiles, rank_sum_p_value
 
 EPSILON = 16.0
 SIZE = 16
@@ -211,8 +211,6 @@ def test_controls_keep_each_tile_values_and_noise_for_code_matches_the_generator
 
 
 def test_the_audit_adds_each_code_as_protect_would_and_more_control_sets_keep_the_first(setup) -> None:
-    from cgan_cli.learning.audit import Patterns
-
     generator, meta = load_generator(setup["weights"])
     pixels = synthetic(6, seed=3).pixels
     patterns = Patterns(generator, meta, EPSILON, SIZE, control_sets=3, seed=0, controls="balanced")

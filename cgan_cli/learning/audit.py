@@ -205,7 +205,8 @@ class Patterns:
         What depends only on the images (the working-size copy, the local head, the mask) is computed
         once per batch; each pattern then costs one tanh (for code k the same noise as `noise_for_code`).
         """
-        x = pixels.float() / 255.0
+        base = pixels.float()
+        x = base / 255.0
         if tuple(x.shape[-2:]) != self.gen_shape:
             x = F.interpolate(x, size=self.gen_shape, mode="bilinear", antialias=True, align_corners=False)
         local = self.generator.local_head(_to_channels(x, self.meta.channels, average=False))
@@ -221,7 +222,7 @@ class Patterns:
             if tuple(direction.shape[-2:]) != tuple(pixels.shape[-2:]):
                 direction = F.interpolate(direction, size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)
             levels = torch.round(direction * self.epsilon).clamp(-self.levels, self.levels)
-            return (pixels.float() + levels).clamp(0, 255) / 255.0
+            return (base + levels).clamp(0, 255) / 255.0
 
         return add
 
