@@ -14,7 +14,8 @@ Paths (what the victim's loader gets for each training image):
 - photoS-toT: the victim trains at T px instead of 28 (a scraper's own training size); its clean test
   images take the same path without protection (upscale to S, resize to T);
 - jpeg:Q, blur:S, rescale:F, ...: `cgan verify`'s countermeasures on the written images, and on the
-  clean test images too, as verify does.
+  clean test images too, as verify does; adv:EPS and strong-aug train on the written images with
+  verify's batch hook inside the victim's loop.
 
     OMP_NUM_THREADS=1 python bench/photo_path_bench.py --weights weights/cgan-fashion-mnist.safetensors \
         --paths written photo112 photo56 photo84 photo112-jpeg75 --victim-seeds 0 --json runs/photo.jsonl
@@ -72,6 +73,11 @@ def after_path(pixels: torch.Tensor, written: torch.Tensor, path: str, engine: P
     if PHOTO.match(path):
         return photo_path(pixels, path, engine)
     return parse_countermeasure(path).apply(written)
+
+
+def training_hook(path: str, seed: int):
+    """A batch-hook countermeasure (adv:EPS, strong-aug) trains inside the victim's loop, as in verify."""
+    return None if path == "written" or PHOTO.match(path) else parse_countermeasure(path).hook(seed, 10)
 
 
 def test_view(pixels: torch.Tensor, path: str) -> torch.Tensor:
@@ -152,7 +158,7 @@ def main() -> None:
             for seed in args.victim_seeds:
                 start = time.perf_counter()
                 res = train_victim(train_px.float() / 255, data.labels, test_view(test.pixels, path).float() / 255, test.labels, 10,
-                                   VictimConfig(arch=args.victim, epochs=args.victim_epochs, seed=seed))
+                                   VictimConfig(arch=args.victim, epochs=args.victim_epochs, seed=seed), training_hook(path, seed))
                 row = {"weights": str(w) if w else "clean", "epsilon": engine.epsilon if engine else 0,
                        "mask_floor": engine.mask_floor if engine else None, "path": path, "n": args.n, "ssim_written": quality,
                        "victim": args.victim, "victim_epochs": args.victim_epochs, "victim_seed": seed,

@@ -1,10 +1,11 @@
 """Record a protect-time default in existing weights (same tensors, metadata updated, atomic write).
 
 Why: some settings are chosen after training, by measurement. The shipped RGB generators got
-`--mask-floor 0.25` this way (docs/method.md, Measurement 7: examples/photos median SSIM 0.978, worst
-PSNR 35.7 dB, against 0.939 / 33.4 without the mask); `cgan protect --mask-floor` still overrides it.
+`--mask-floor 0.25` this way for its quality on photos (docs/method.md, Measurement 7), then
+`--mask-floor 1` again when victims showed that at 0.25 they protect nothing (Measurement 8);
+`cgan protect --mask-floor` still overrides it.
 
-    python bench/set_protect_defaults.py --mask-floor 0.25 weights/cgan-rgb-default.safetensors weights/cgan-rgb-fast.safetensors
+    python bench/set_protect_defaults.py --mask-floor 1 weights/cgan-rgb-default.safetensors weights/cgan-rgb-fast.safetensors
 """
 
 from __future__ import annotations

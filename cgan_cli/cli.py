@@ -83,7 +83,7 @@ def protect_command(
     json_out: bool = typer.Option(False, "--json", help="Print a one-line JSON summary on stdout.", rich_help_panel=_IO),
     weights: Path | None = typer.Option(None, "--weights", "-w", metavar="FILE", help="Generator weights (.safetensors). Default: the shipped cgan-rgb-default.safetensors.", rich_help_panel=_PROT),
     epsilon: float | None = typer.Option(None, "--epsilon", metavar="N", help="L-inf budget in /255 units. Default: the epsilon stored with the weights (a larger one warns).", rich_help_panel=_PROT),
-    mask_floor: float | None = typer.Option(PROTECT.mask_floor, "--mask-floor", min=0, max=1, help="Local-activity mask: noise scale in flat regions, rising to 1 in texture (1 = no mask). Default: the weights' own (the RGB defaults: 0.25, for invisibility on photos; Fashion-MNIST: none).", rich_help_panel=_PROT),
+    mask_floor: float | None = typer.Option(PROTECT.mask_floor, "--mask-floor", min=0, max=1, help="Local-activity mask: noise scale in flat regions, rising to 1 in texture (1 = no mask). Default: the weights' own (none for the shipped generators: at 0.25 the RGB default protects nothing, docs/method.md, Measurement 8).", rich_help_panel=_PROT),
     full_res: bool = typer.Option(PROTECT.full_res, "--full-res", help="Run the generator at native resolution (tiled) instead of the weights' working resolution.", rich_help_panel=_PROT),
     labels: str | None = typer.Option(None, "--labels", help="Give each image the code of its true label instead of the generator's guess: folders (class-per-subfolder trees), cls (a WebDataset sample's cls member), or FILE.csv (path,label; label = class name or index). An image without a known label fails.", rich_help_panel=_PROT),
     seed: int = typer.Option(PROTECT.seed, "--seed", help="Seeds torch before protecting (reproducibility for stochastic generators; recorded).", rich_help_panel=_PROT),
@@ -258,6 +258,7 @@ def verify_command(
     weights: Path | None = typer.Option(None, "--weights", help="Generator weights (.safetensors) to protect DATA with (through the same engine as `cgan protect`).", rich_help_panel=_VPROT),
     epsilon: float | None = typer.Option(None, "--epsilon", help="L-inf budget in /255 units. Default: the weights' own, or what --protected measurably spent.", rich_help_panel=_VPROT),
     labels: bool = typer.Option(False, "--labels", help="With --weights: protect each image with its true label's code, as `cgan protect --labels` does, instead of the generator's guess.", rich_help_panel=_VPROT),
+    mask_floor: float | None = typer.Option(None, "--mask-floor", min=0, max=1, help="With --weights: the local-activity mask floor, as `cgan protect --mask-floor` (1 = no mask). Default: the weights' own.", rich_help_panel=_VPROT),
     baseline: list[Baseline] = typer.Option([], "--baseline", help="Comparison noise on the same data and epsilon (repeatable).", rich_help_panel=_VPROT),
     arch: list[VictimArch] = typer.Option([VictimArch(VICTIM.arch)], "--arch", help="Victim (repeatable).", rich_help_panel=_VICTIM),
     countermeasure: list[str] = typer.Option(["none"], "--countermeasure", metavar="SPEC", help=" | ".join(COUNTERMEASURES) + " (repeatable; one row each).", rich_help_panel=_VICTIM),
@@ -293,7 +294,7 @@ def verify_command(
 
     victim = VictimConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
     request = VerifyRequest(
-        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon, labels=labels, unseen=unseen,
+        data=data, protected=protected, clean=clean, test=test, weights=weights, epsilon=epsilon, labels=labels, mask_floor=mask_floor, unseen=unseen,
         baselines=[Baseline(b).value for b in baseline], size=size, channels=channels, holdout=holdout, limit=limit,
         test_limit=test_limit, report=report, em=EMConfig(max_rounds=em_max_rounds),
         cfg=VerifyConfig(victim, [VictimArch(a).value for a in arch], list(countermeasure)),

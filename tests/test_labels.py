@@ -208,7 +208,8 @@ def test_shards_label_from_cls_before_or_after_the_image(tmp_path, hard_weights)
 
 
 def test_verify_protects_with_true_labels_through_the_engine(tmp_path, hard_weights):
-    """`cgan verify --weights W --labels` gives every training image its label's code, as protect --labels does."""
+    """`cgan verify --weights W --labels` gives every training image its label's code, as protect --labels does;
+    `--mask-floor` shapes the noise as protect's does."""
     pixels = torch.from_numpy(np.stack([smooth_rgb(32, 32, seed=s) for s in range(8)])).permute(0, 3, 1, 2).contiguous()
     train = LabeledImages(pixels, torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), ["D", "c", "b", "a"])  # another class order
     engine = ProtectEngine(EngineConfig(hard_weights, device="cpu"))
@@ -221,6 +222,15 @@ def test_verify_protects_with_true_labels_through_the_engine(tmp_path, hard_weig
     _, guesses = engine.protect_batch_coded([p.permute(1, 2, 0).numpy() for p in pixels])
     for i, guess in enumerate(guesses):
         assert torch.equal(guessed.pixels[i], method.pixels[i]) == (guess == int(codes[i]))
+
+    flat = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)  # no texture: the mask leaves its floor of the noise
+    flat_train = LabeledImages(flat, torch.tensor([0, 1]), ["D", "c", "b", "a"])
+    masked, _ = generator_method(hard_weights, flat_train, 8.0, "cpu", "fp32", labels=True, mask_floor=0.25)
+    unmasked, _ = generator_method(hard_weights, flat_train, 8.0, "cpu", "fp32", labels=True, mask_floor=1.0)
+    assert (masked.details["mask_floor"], unmasked.details["mask_floor"]) == (0.25, 1.0)
+    assert (unmasked.pixels.int() - 128).abs().max() == 8 and (masked.pixels.int() - 128).abs().max() == 2
+    result = CliRunner().invoke(app, ["verify", "fashion-mnist", "--mask-floor", "0.5", "--baseline", "random", "--epsilon", "8"])
+    assert result.exit_code == 2 and "give --weights" in result.output
 
     other = LabeledImages(pixels, torch.zeros(8, dtype=torch.long), ["x", "y"])
     with pytest.raises(Exception, match="match neither"):

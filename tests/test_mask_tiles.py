@@ -85,10 +85,11 @@ def test_weights_trained_with_a_mask_carry_it_to_the_engine(tmp_path: Path) -> N
     assert ProtectEngine(EngineConfig(result.out, device="cpu", mask_floor=0.9)).mask_floor == 0.9
 
 
-def test_default_protect_of_the_example_photos_meets_the_quality_targets(tmp_path: Path) -> None:
-    """`cgan protect examples/photos` with the shipped default (its protect default: mask floor 0.25)
-    keeps every photo at the full 8/255 budget with median SSIM >= 0.97 and every PSNR >= 33 dB;
-    without the mask (--mask-floor 1) the same photos miss both (0.94 / 33.4 dB when measured)."""
+def test_default_protect_of_the_example_photos_spends_the_full_budget_and_the_mask_buys_the_quality_targets(tmp_path: Path) -> None:
+    """`cgan protect examples/photos` with the shipped default protects without the mask (on its Tux Paint
+    set the mask's floor 0.25 took a victim from ~22% back to clean, docs/method.md, Measurement 8);
+    `--mask-floor 0.25` trades that for median SSIM >= 0.97 and every PSNR >= 33 dB, which the
+    default misses."""
     import json
 
     from typer.testing import CliRunner
@@ -96,9 +97,9 @@ def test_default_protect_of_the_example_photos_meets_the_quality_targets(tmp_pat
     from cgan_cli.cli import app
 
     photos = Path(__file__).resolve().parents[1] / "examples" / "photos"
-    assert ProtectEngine(EngineConfig(default_weights(), device="cpu")).mask_floor == 0.25
+    assert ProtectEngine(EngineConfig(default_weights(), device="cpu")).mask_floor == 1.0
     results = {}
-    for floor in (None, "1"):
+    for floor in (None, "0.25"):
         out = tmp_path / f"out-{floor}"
         extra = ["--mask-floor", floor] if floor else []
         assert CliRunner().invoke(app, ["protect", str(photos), "--out", str(out), "--measure-ssim", "--workers", "0", *extra]).exit_code == 0
@@ -106,8 +107,8 @@ def test_default_protect_of_the_example_photos_meets_the_quality_targets(tmp_pat
         protected = [r for r in records if r["status"] == "protected"]
         assert len(protected) == 6 and all(r["linf"] == 8 for r in protected)
         results[floor] = (float(np.median([r["ssim"] for r in protected])), min(r["psnr"] for r in protected))
-    assert results[None][0] >= 0.97 and results[None][1] >= 33.0, results
-    assert results["1"][0] < 0.97, results
+    assert results["0.25"][0] >= 0.97 and results["0.25"][1] >= 33.0, results
+    assert results[None][0] < 0.97, results
 
 
 def test_far_apart_tiles_beat_the_old_random_draw_and_repeat_under_a_seed() -> None:

@@ -113,6 +113,7 @@ class VerifyRequest:
     weights: Path | None = None
     epsilon: float | None = None
     labels: bool = False  # --weights protects with each image's true label as its code (as `protect --labels`)
+    mask_floor: float | None = None  # local-activity mask floor for --weights; None = the weights' own (as protect)
     unseen: bool = False  # victim trains and is tested only on images the generator never trained on
     baselines: list[str] = field(default_factory=list)
     size: int | None = None

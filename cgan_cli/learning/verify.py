@@ -325,18 +325,20 @@ def label_codes(meta: WeightsMeta, train: LabeledImages) -> torch.Tensor:
 
 
 def generator_method(weights: Path, train: LabeledImages, epsilon: float, device: str, precision: str,
-                     labels: bool = False) -> tuple[Method, dict[str, Any]]:
+                     labels: bool = False, mask_floor: float | None = None) -> tuple[Method, dict[str, Any]]:
     """Protect the training set with a weights file; returns the method and the weights record for the report.
 
     labels: every image carries its true label's code instead of the generator's guess.
+    mask_floor: the local-activity mask floor (None: the weights' own, as `cgan protect`).
     """
-    engine = ProtectEngine(EngineConfig(weights, device, precision, epsilon, batch_size=256))
+    engine = ProtectEngine(EngineConfig(weights, device, precision, epsilon, batch_size=256, mask_floor=mask_floor))
     meta = engine.meta
     codes = label_codes(meta, train) if labels else None
     pixels, seconds = timed(protect_with_engine, engine, train.pixels, codes=codes)
     record = {"path": str(weights), "sha256": file_sha256(weights), "arch": meta.arch, "trained_epsilon": meta.epsilon,
               "working_size": meta.working_size, "channels": meta.channels, "dataset": meta.described()["dataset"]}
-    return Method("generator", pixels, seconds, {"epsilon": epsilon, "codes": "label" if labels else "guess"}), record
+    return Method("generator", pixels, seconds, {"epsilon": epsilon, "codes": "label" if labels else "guess",
+                                                 "mask_floor": engine.mask_floor}), record
 
 
 def baseline_method(name: str, train: LabeledImages, epsilon: float, seed: int, em: EMConfig, device: str) -> Method:
@@ -659,6 +661,8 @@ def _resolve_inputs(req: VerifyRequest) -> Inputs:
     methods: list[Method] = []
     if req.labels and req.weights is None:
         raise VerifyError("--labels chooses the codes --weights protects with; give --weights FILE too")
+    if req.mask_floor is not None and req.weights is None:
+        raise VerifyError("--mask-floor shapes the noise --weights protects with; give --weights FILE too")
     if req.unseen and (req.weights is None or req.data is None):
         raise VerifyError("--unseen picks images the generator never saw, from its weights' record: give DATA and --weights FILE")
     seen, held_out = None, False
@@ -698,7 +702,8 @@ def _resolve_inputs(req: VerifyRequest) -> Inputs:
         epsilon = float(math.floor(methods[0].linf) if methods[0].linf is not None else measured_linf(clean.pixels, methods[0].pixels))
     weights_record = None
     if req.weights is not None:
-        method, weights_record = generator_method(req.weights, clean, epsilon, device, req.cfg.victim.precision, req.labels)
+        method, weights_record = generator_method(req.weights, clean, epsilon, device, req.cfg.victim.precision, req.labels,
+                                                   req.mask_floor)
         methods.append(method)
     if req.baselines and epsilon is None:
         raise VerifyError("--baseline needs --epsilon (in /255 units)")
