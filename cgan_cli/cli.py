@@ -25,7 +25,7 @@ from cgan_cli.core.choices import (
     VictimArch,
     parse_floats,
 )
-from cgan_cli.core.errors import UsageError
+from cgan_cli.core.errors import INTERRUPTED, UsageError, interrupted_line
 from cgan_cli.learning.config import (
     AuditConfig,
     Distortions,
@@ -108,28 +108,24 @@ def protect_command(
     Exit code 0 when every input was protected, skipped (resume) or ignored, 1 when any failed, 2 for usage
     errors, 130 when interrupted (rerun the same command to resume).
     """
-    from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line, preflight
-
     cfg = ProtectConfig(
         tuple(src), out, weights, epsilon=epsilon, device=device, precision=Precision(precision).value, batch_size=batch_size,
         workers=PROTECT.workers if workers is None else workers, seed=seed, format=fmt.canonical if fmt else None, quality=quality,
         full_res=full_res, mask_floor=mask_floor, dry_run=dry_run, measure_written=measure_written, measure_ssim=measure_ssim,
         stdin_tar=shards, shard_size=shard_size, shard_pattern=shard_pattern, labels=labels,
     )
-    try:
+    try:  # a Ctrl-C anywhere before the run starts: nothing written yet, one line
+        from cgan_cli.protect.preflight import preflight
+
         checked = preflight(cfg)  # every usage error before torch or any worker starts
-    except UsageError as exc:
-        typer.echo(f"cgan protect: error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    for note in checked.notes:
-        typer.echo(note, err=True)
-    if checked.nothing_to_do:
-        typer.echo(checked.nothing_to_do, err=True)
-        raise typer.Exit(0)
-    cfg = checked.cfg
-    if sys.stderr.isatty() and not dry_run:  # something within a second; torch and the workers take a few
-        typer.echo(f"cgan protect -> {cfg.out}: starting (loading torch and the generator)...", err=True)
-    try:
+        for note in checked.notes:
+            typer.echo(note, err=True)
+        if checked.nothing_to_do:
+            typer.echo(checked.nothing_to_do, err=True)
+            raise typer.Exit(0)
+        cfg = checked.cfg
+        if sys.stderr.isatty() and not dry_run:  # something within a second; torch and the workers take a few
+            typer.echo(f"cgan protect -> {cfg.out}: starting (loading torch and the generator)...", err=True)
         if cfg.workers > 0 and not dry_run:
             from cgan_cli.protect.workers import start_fork_server
 
@@ -137,6 +133,9 @@ def protect_command(
         from cgan_cli.protect.console import (
             protect_cli,  # lazy: keeps `cgan --help` fast
         )
+    except UsageError as exc:
+        typer.echo(f"cgan protect: error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo(interrupted_line(0), err=True)
         raise typer.Exit(INTERRUPTED) from None

@@ -232,6 +232,36 @@ def test_ctrl_c_during_start_up_prints_one_line(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" not in err and "cgan_cli" not in err.split(lines[0])[0], err
 
 
+# A KeyboardInterrupt raised exactly where a Ctrl-C can land while the CLI starts: an audit hook
+# raises it as the named module is imported, which a timed SIGINT hits only by luck.
+CTRL_C_AT_IMPORT = """
+import sys
+target = sys.argv[1]
+def hook(event, args):
+    if event == "import" and args[0] == target:
+        raise KeyboardInterrupt
+sys.addaudithook(hook)
+sys.argv = ["cgan", *sys.argv[2:]]
+from cgan_cli.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module, line", [
+    ("typer", "interrupted: before start-up finished; nothing was written"),  # the CLI's own import
+    ("cgan_cli.protect.preflight", "interrupted: 0 protected; rerun the same command to resume"),
+    ("cgan_cli.protect.console", "interrupted: 0 protected; rerun the same command to resume"),  # torch's import
+])
+def test_ctrl_c_while_the_cli_starts_exits_130_with_one_line(tmp_path: Path, module: str, line: str) -> None:
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module, "protect", str(photos), "--out", str(out),
+                           "--weights", str(SHIPPED)], env=_env(), capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 130 and err.splitlines() == [line], err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_mid_run_records_what_finished_and_the_rerun_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from cgan_cli.core.errors import UsageError
+from cgan_cli.core.errors import INTERRUPTED, UsageError, interrupted_line
 from cgan_cli.protect.distributed import init_distributed, shutdown
 from cgan_cli.protect.manifest import (
     MANIFEST_NAME,
@@ -36,7 +36,6 @@ from cgan_cli.protect.manifest import (
     RunSummary,
     ShardRunSummary,
 )
-from cgan_cli.protect.preflight import INTERRUPTED, interrupted_line
 from cgan_cli.protect.run import ProtectConfig, dry_run, run_protect
 from cgan_cli.protect.sources import ShardState, count_samples
 from cgan_cli.protect.tars import OutputClosed

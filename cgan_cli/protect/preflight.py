@@ -22,12 +22,6 @@ from cgan_cli.protect.sources import (
 )
 
 DEFAULT_OUT_SUFFIX = "-protected"  # ./photos -> ./photos-protected, photo.jpg -> photo-protected.jpg
-INTERRUPTED = 130  # exit code of a run stopped by Ctrl-C (SIGINT), as the shell reports one
-
-
-def interrupted_line(protected: int) -> str:
-    """The one line a Ctrl-C prints, wherever it lands (torch import, start-up, mid-run)."""
-    return f"interrupted: {protected} protected; rerun the same command to resume"
 
 
 @dataclass
