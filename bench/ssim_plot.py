@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 WIDTH, HEIGHT, MARGIN = 640, 400, 60
@@ -37,9 +38,17 @@ def accuracy_text(accs: list[float]) -> str:
     return f"{mean:.1%}" if len(accs) == 1 else f"{mean:.1%} ({min(accs):.1%}-{max(accs):.1%})"
 
 
-def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
+COLOURS = ("#c0392b", "#2471a3", "#1e8449")
+
+
+def svg(rows: list[dict], title: str, lines: dict[str, float],
+        x_label: str = "mean SSIM of the protected upload (higher = less visible)", x_min: float = 0.5,
+        series: Callable[[dict], tuple[str, ...]] | None = None, short: Callable[[dict], str] | None = None) -> str:
+    """One point per setting (a bar over its victims). `series` (row -> the names of the series it belongs
+    to) joins each series' points by a line in its own colour, with a legend, and labels each point
+    `short(row)` and the mean accuracy; without it, every point is one colour with a two-line label."""
     xs = [r["ssim_written"] for r in rows]
-    x_lo, x_hi = min(xs + [0.5]) - 0.02, 1.0
+    x_lo, x_hi = min(xs + [x_min]) - 0.02, 1.0
     y_lo, y_hi = 0.0, min(1.0, max(0.4, round(max(r["clean_test_acc"] for r in rows) + 0.15, 1)))
 
     def px(x: float) -> float:
@@ -53,7 +62,7 @@ def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
            f'<text x="{WIDTH / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>',
            f'<line x1="{MARGIN}" y1="{py(0)}" x2="{WIDTH - MARGIN}" y2="{py(0)}" stroke="black"/>',
            f'<line x1="{MARGIN}" y1="{py(0)}" x2="{MARGIN}" y2="{py(y_hi)}" stroke="black"/>',
-           f'<text x="{WIDTH / 2}" y="{HEIGHT - 15}" text-anchor="middle">mean SSIM of the protected upload (higher = less visible)</text>',
+           f'<text x="{WIDTH / 2}" y="{HEIGHT - 15}" text-anchor="middle">{x_label}</text>',
            f'<text x="15" y="{HEIGHT / 2}" text-anchor="middle" transform="rotate(-90 15 {HEIGHT / 2})">victim accuracy on clean test images</text>']
     for i in range(round(y_hi * 10) + 1):
         y = i / 10
@@ -70,15 +79,29 @@ def svg(rows: list[dict], title: str, lines: dict[str, float]) -> str:
             continue
         out.append(f'<line x1="{MARGIN}" y1="{py(y)}" x2="{WIDTH - MARGIN}" y2="{py(y)}" stroke="gray" stroke-dasharray="4 3"/>')
         out.append(f'<text x="{WIDTH - MARGIN - 4}" y="{py(y) - 4}" text-anchor="end" fill="gray">{name}</text>')
-    for i, (setting, accs, ssim) in enumerate(grouped(rows)):
-        x, y = px(ssim), py(sum(accs) / len(accs))
-        if len(accs) > 1:  # one victim per seed: the bar spans them
-            out.append(f'<line x1="{x:.1f}" y1="{py(min(accs)):.1f}" x2="{x:.1f}" y2="{py(max(accs)):.1f}" stroke="#c0392b"/>')
-        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#c0392b"/>')
-        # neighbours in SSIM alternate above / below their point, so their two-line labels do not collide
-        y0 = y - 34 if i % 2 == 0 else y + 20
-        out.append(f'<text x="{x:.1f}" y="{y0:.1f}" text-anchor="middle">{setting}</text>')
-        out.append(f'<text x="{x:.1f}" y="{y0 + 13:.1f}" text-anchor="middle">{accuracy_text(accs)}</text>')
+    names = list(dict.fromkeys(n for r in rows for n in series(r))) if series else [""]
+    for k, name in enumerate(names):
+        colour = COLOURS[k % len(COLOURS)]
+        members = [r for r in rows if series is None or name in series(r)]
+        points, shorts = grouped(members), {label(r): (short or label)(r) for r in members}
+        if series:
+            out.append(f'<polyline fill="none" stroke="{colour}" points="'
+                       + " ".join(f"{px(ssim):.1f},{py(sum(accs) / len(accs)):.1f}" for _, accs, ssim in points) + '"/>')
+            out.append(f'<text x="{MARGIN + 10}" y="{MARGIN + 14 * k}" fill="{colour}">{name}</text>')
+        for i, (setting, accs, ssim) in enumerate(points):
+            x, y = px(ssim), py(sum(accs) / len(accs))
+            if len(accs) > 1:  # one victim per seed: the bar spans them
+                out.append(f'<line x1="{x:.1f}" y1="{py(min(accs)):.1f}" x2="{x:.1f}" y2="{py(max(accs)):.1f}" stroke="{colour}"/>')
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
+            if series:  # one short label per point, each series on its own side
+                anchor, dx, dy = ("start", 8, 14) if k % 2 == 0 else ("end", -8, -6)
+                mean = sum(accs) / len(accs)
+                out.append(f'<text x="{x + dx:.1f}" y="{y + dy:.1f}" text-anchor="{anchor}" fill="{colour}">{shorts[setting]}: {mean:.1%}</text>')
+                continue
+            # neighbours in SSIM alternate above / below their point, so their two-line labels do not collide
+            y0 = y - 34 if i % 2 == 0 else y + 20
+            out.append(f'<text x="{x:.1f}" y="{y0:.1f}" text-anchor="middle">{setting}</text>')
+            out.append(f'<text x="{x:.1f}" y="{y0 + 13:.1f}" text-anchor="middle">{accuracy_text(accs)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
