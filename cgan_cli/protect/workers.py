@@ -94,6 +94,28 @@ def interrupt_once() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that lands in the block and deliver it, to the handler in place before, as the block ends.
+
+    Why: submitting to the pool can start a worker, a handshake with the fork server. A
+    KeyboardInterrupt in its middle leaves a child the pool does not know of and so does not wait
+    for; it then fails to open the pool's semaphores once the main process has exited, and prints a
+    traceback under the one "interrupted" line.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # ignored, KeyboardInterrupt or interrupt_once's, as before the block
+
+
 def exit_with(parent: int, interval: float = 1.0) -> None:
     """Worker initializer: ignore Ctrl-C (the main process handles it) and exit when the main
     process is gone (a SIGKILL, an OOM kill).
@@ -166,7 +188,8 @@ class WorkerPool:
                                    initializer=exit_with, initargs=(os.getpid(),))
 
     def submit(self, jobs: list[tuple]) -> Task:
-        task = Task(jobs, self.pool.submit(self.task, jobs))
+        with sigint_deferred():  # a submit can start a worker
+            task = Task(jobs, self.pool.submit(self.task, jobs))
         self._pending[id(task)] = task
         return task
 
@@ -182,12 +205,15 @@ class WorkerPool:
     def _restart(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._new()
-        for task in self._pending.values():
-            task.future = self.pool.submit(self.task, task.jobs)
+        with sigint_deferred():
+            for task in self._pending.values():
+                task.future = self.pool.submit(self.task, task.jobs)
 
     def _alone(self, job: tuple) -> Any:
         try:
-            return self.pool.submit(self.task, [job]).result()[0]
+            with sigint_deferred():
+                future = self.pool.submit(self.task, [job])
+            return future.result()[0]
         except BrokenProcessPool:
             self._restart()
             return self.crashed(job, CRASHED)
