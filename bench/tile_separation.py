@@ -4,8 +4,10 @@ Rewrites a trained generator's tiles with saturated +-1 tiles drawn greedily so 
 tile is close to any cyclic shift or horizontal flip of another's (what the victim's crop + flip
 can map one onto the other), keeps its encoder and local head, and writes a new file to evaluate
 with bench/train_ablation.py --weights. Also prints the worst pair similarity before and after.
+`--bank mix` writes a fixed hand-made bank instead (4x4 versions of bench/classwise_ceiling.py's
+`mix`: stripes and checkerboards of periods 2 and 4, and +-DC), for 10-code 4x4 generators.
 
-    .venv/bin/python bench/tile_separation.py GEN.safetensors OUT.safetensors [--candidates 4000]
+    .venv/bin/python bench/tile_separation.py GEN.safetensors OUT.safetensors [--candidates 4000] [--bank mix]
 """
 
 from __future__ import annotations
@@ -19,19 +21,34 @@ from safetensors.torch import load_file, save_file
 from cgan_cli.learning.tiles import far_apart_tiles, worst_similarity
 
 
+def mix_bank() -> torch.Tensor:
+    """(10, 1, 4, 4) in {-1, +1}: h / v stripes of periods 2 and 4, checkerboards of cells 1 and 2,
+    2 x 1 and 1 x 2 cell checkerboards, +1 and -1 (constant: what no crop or flip changes)."""
+    i, j = torch.arange(4)[:, None].expand(4, 4), torch.arange(4)[None, :].expand(4, 4)
+    signs = [i % 2, j % 2, (i + j) % 2, (i // 2) % 2, (j // 2) % 2, (i // 2 + j // 2) % 2,
+             (i // 2 + j) % 2, (i + j // 2) % 2, torch.ones(4, 4), torch.zeros(4, 4)]
+    return torch.stack([s.float() * 2 - 1 for s in signs])[:, None]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("weights")
     ap.add_argument("out")
     ap.add_argument("--candidates", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bank", choices=["far-apart", "mix"], default="far-apart")
     args = ap.parse_args()
     tensors = load_file(args.weights)
     with safe_open(args.weights, "pt") as fh:
         meta = fh.metadata()
     before = torch.tanh(tensors["tiles"])
-    tiles = far_apart_tiles(before.shape[0], tuple(before.shape[1:]), args.seed, args.candidates)
-    print(f"worst pair similarity under shift/flip: trained tiles {worst_similarity(before):.2f}, far-apart tiles {worst_similarity(tiles):.2f}")
+    if args.bank == "mix":
+        tiles = mix_bank()
+        if tiles.shape != before.shape:
+            raise SystemExit(f"--bank mix is (10, 1, 4, 4); these tiles are {tuple(before.shape)}")
+    else:
+        tiles = far_apart_tiles(before.shape[0], tuple(before.shape[1:]), args.seed, args.candidates)
+    print(f"worst pair similarity under shift/flip: trained tiles {worst_similarity(before):.2f}, new tiles {worst_similarity(tiles):.2f}")
     tensors["tiles"] = 3.0 * tiles  # saturated after tanh, as cgan train initialises them
     save_file(tensors, args.out, metadata=meta)
 
