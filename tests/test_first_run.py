@@ -270,23 +270,27 @@ def test_ctrl_c_while_the_cli_starts_exits_130_with_one_line(tmp_path: Path, mod
 def test_a_ctrl_c_while_a_worker_starts_waits_for_the_start_then_interrupts() -> None:
     from cgan_cli.protect.workers import interrupt_once, sigint_deferred
 
-    finished = False
-    with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-block
-            time.sleep(0.05)
-            finished = True
-    assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt), interrupt_once():  # a run's first Ctrl-C, held, still ends the run
-        with sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:  # a Ctrl-C held while SIGINT was ignored stays ignored
-        with sigint_deferred():
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, mid-block
+                time.sleep(0.05)
+                finished = True
+        assert finished and signal.getsignal(signal.SIGINT) is before
+        with interrupt_once():  # a run without Ctrl-C leaves the handler as it was
+            pass
+        assert signal.getsignal(signal.SIGINT) is before
+        with pytest.raises(KeyboardInterrupt), interrupt_once():  # a run's first Ctrl-C, held, still ends the run
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and later ones stay ignored through the exit
+        with sigint_deferred():  # a Ctrl-C held while SIGINT is ignored stays ignored
             os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from dataclasses import asdict
 
@@ -145,8 +144,6 @@ def protect_cli(cfg: ProtectConfig, json_out: bool = False) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         err.print(f"cgan protect: stopped: {exc}; the output is incomplete", markup=False)
         return 1
-    if summary.interrupted:  # on the way out: another Ctrl-C must not turn the exit's joins into tracebacks
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not reports:
         return INTERRUPTED if summary.interrupted else summary.exit_code
     if json_out:

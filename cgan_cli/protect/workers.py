@@ -73,11 +73,13 @@ def sigint_ignored() -> Iterator[None]:
 
 @contextmanager
 def interrupt_once() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt once; further ones are ignored until the block ends.
+    """Ctrl-C raises KeyboardInterrupt once; further ones are ignored, also after the block once one fired.
 
     Why: the first Ctrl-C starts the wind-down (shut the worker pool, close the manifest, write
-    summary.json). A second one landing there would cut the pool's shutdown short, leaving a worker
-    the interpreter then waits for at exit, and print tracebacks.
+    summary.json) and then the exit. A second one landing there would cut the pool's shutdown short,
+    leaving a worker the interpreter then waits for at exit, and print tracebacks; one landing just
+    after the block, or once the interpreter has reset its handlers at exit, would end the process
+    by SIGINT before its one line (a held-down Ctrl-C, 1 run in ~15).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -91,7 +93,8 @@ def interrupt_once() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if signal.getsignal(signal.SIGINT) is first_only:  # not fired: Ctrl-C as before the block
+            signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
