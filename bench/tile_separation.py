@@ -18,16 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cgan_cli.learning.tiles import far_apart_tiles, worst_similarity
+from cgan_cli.learning.tiles import far_apart_tiles, structured_tiles, worst_similarity
 
 
 def mix_bank() -> torch.Tensor:
-    """(10, 1, 4, 4) in {-1, +1}: h / v stripes of periods 2 and 4, checkerboards of cells 1 and 2,
-    2 x 1 and 1 x 2 cell checkerboards, +1 and -1 (constant: what no crop or flip changes)."""
-    i, j = torch.arange(4)[:, None].expand(4, 4), torch.arange(4)[None, :].expand(4, 4)
-    signs = [i % 2, j % 2, (i + j) % 2, (i // 2) % 2, (j // 2) % 2, (i // 2 + j // 2) % 2,
-             (i // 2 + j) % 2, (i + j // 2) % 2, torch.ones(4, 4), torch.zeros(4, 4)]
-    return torch.stack([s.float() * 2 - 1 for s in signs])[:, None]
+    """(10, 1, 4, 4) in {-1, +1}: cgan train's structured bank (learning/tiles.py) in this script's
+    original order: h / v stripes of periods 2 and 4, checkerboards, then +1 and -1."""
+    return structured_tiles(10, (1, 4, 4), seed=0)[[2, 3, 4, 5, 6, 7, 8, 9, 0, 1]]
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from cgan_cli.core.choices import (
     ModelOutputs,
     OutputFormat,
     Precision,
+    TileBank,
     VictimArch,
     parse_floats,
 )
@@ -189,6 +190,7 @@ def train_cmd(
     arch: GeneratorArch = typer.Option(TRAIN.arch, help="Generator: confounder-v3 (deep code encoder; the shipped weights) | confounder-v2 (shallow encoder, kept for comparison).", rich_help_panel=_DATA),
     epochs: int = typer.Option(TRAIN.epochs, help="Confounder-stage epochs (tiles + local head).", rich_help_panel=_OPT),
     code_epochs: int = typer.Option(TRAIN.code_epochs, help="Classifier-stage epochs: the encoder must fit ~100% of the training images (small sets need hundreds; see the printed code train accuracy).", rich_help_panel=_OPT),
+    codes_from: Path | None = typer.Option(TRAIN.codes_from, "--codes-from", help="Take the encoder + code head from these weights (same arch, width, classes, size) and skip the classifier stage: retrain only the patterns.", rich_help_panel=_OPT),
     batch_size: int = typer.Option(TRAIN.batch_size, help="Images per step.", rich_help_panel=_OPT),
     lr_g: float = typer.Option(TRAIN.lr_g, help="Generator learning rate, confounder stage (Adam).", rich_help_panel=_OPT),
     lr_code: float = typer.Option(TRAIN.lr_code, help="Encoder learning rate, classifier stage (Adam).", rich_help_panel=_OPT),
@@ -197,6 +199,9 @@ def train_cmd(
     w_minmin: float = typer.Option(TRAIN.w_minmin, help="Weight of the surrogate loss on protected images (min-min).", rich_help_panel=_OBJ),
     w_adv: float = typer.Option(TRAIN.w_adv, help="Weight of the discriminator (imperceptibility) loss.", rich_help_panel=_OBJ),
     reset_every: int = typer.Option(TRAIN.reset_every, help="Re-initialise the min-min surrogate every N steps.", rich_help_panel=_OBJ),
+    assign_candidates: int = typer.Option(TRAIN.assign_candidates, "--assign-candidates", min=1, help="Tile orders (which class gets which tile) tried before the confounder stage, each by a quick victim on held-out training images; the one it learns least from wins (1 = the bank's order).", rich_help_panel=_OBJ),
+    assign_steps: int = typer.Option(TRAIN.assign_steps, "--assign-steps", min=1, help="Training steps of each of those victims.", rich_help_panel=_OBJ),
+    tiles: TileBank = typer.Option(TRAIN.tiles, "--tiles", help="The class tiles' initial draw: far-apart (random, far apart under shift + flip) | structured (+-DC, stripes, checkerboards; docs/method.md, Measurement 9).", rich_help_panel=_OBJ),
     augment: bool = typer.Option(DIST.crop_flip > 0, "--augment/--no-augment", help="The victim's crop + flip inside the loop.", rich_help_panel=_DIST),
     dist_resize: float = typer.Option(DIST.resize, min=0, max=1, help="Resize to another size and grid offset (bilinear/bicubic/area/antialiased), and back.", rich_help_panel=_DIST),
     dist_resize_min: float = typer.Option(DIST.resize_min, min=0.05, help="Smallest resize factor.", rich_help_panel=_DIST),
@@ -234,7 +239,7 @@ def train_cmd(
     cfg = TrainConfig(
         data=data, out=out, arch=GeneratorArch(arch).value, epochs=epochs, code_epochs=code_epochs, batch_size=batch_size,
         lr_g=lr_g, lr_code=lr_code, lr_d=lr_d, w_ny=w_ny, w_minmin=w_minmin, w_adv=w_adv, reset_every=reset_every,
-        distortions=Distortions(
+        tiles=TileBank(tiles).value, assign_candidates=assign_candidates, assign_steps=assign_steps, codes_from=codes_from, distortions=Distortions(
             resize=dist_resize, resize_min=dist_resize_min, resize_max=dist_resize_max, jpeg=dist_jpeg,
             jpeg_min=dist_jpeg_min, jpeg_max=dist_jpeg_max, blur=dist_blur, blur_max=dist_blur_max,
             grayscale=dist_grayscale, shift=dist_shift, shift_max=dist_shift_max, crop_flip=1.0 if augment else 0.0,

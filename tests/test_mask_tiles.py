@@ -18,7 +18,8 @@ from cgan_cli.core.formats import ssim
 from cgan_cli.core.noise import activity_mask
 from cgan_cli.core.shipped import default_weights
 from cgan_cli.learning.config import Distortions, TrainConfig
-from cgan_cli.learning.tiles import far_apart_tiles, worst_similarity
+from cgan_cli.core.choices import TileBank
+from cgan_cli.learning.tiles import INITIAL_TILES, far_apart_tiles, structured_tiles, worst_similarity
 from cgan_cli.learning.train import build_nets, train
 
 FASHION = Path(__file__).resolve().parents[1] / "weights" / "cgan-fashion-mnist.safetensors"
@@ -128,6 +129,29 @@ def test_cgan_train_starts_from_the_far_apart_tiles() -> None:
     assert torch.equal(nets.gen.tiles.detach(), 3.0 * far_apart_tiles(10, (1, 4, 4), seed=4))
     again = build_nets(cfg, 1, 10, torch.device("cpu"))
     assert torch.equal(nets.gen.tiles, again.gen.tiles)
+
+
+def test_structured_tiles_start_with_the_hand_made_bank_and_fill_up_far_apart() -> None:
+    tiles = structured_tiles(10, (1, 4, 4), seed=0)
+    assert set(tiles.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(tiles[0], torch.ones(1, 4, 4)) and torch.equal(tiles[1], -torch.ones(1, 4, 4))
+    assert torch.equal(tiles[2, 0, :, 0], torch.tensor([-1.0, 1.0, -1.0, 1.0]))  # period-2 horizontal stripes
+    assert worst_similarity(tiles) < 1.0 - 1e-6  # no class's tile is a shift or flip of another's
+    rgb = structured_tiles(8, (3, 4, 4), seed=0)  # the RGB generators' 8 codes: a prefix, the same in every channel
+    assert torch.equal(rgb[:, :1], tiles[:8]) and torch.equal(rgb[:, 0], rgb[:, 2])
+    more = structured_tiles(12, (1, 4, 4), seed=0)  # codes beyond the bank: drawn far apart from it
+    assert torch.equal(more[:10], tiles) and torch.equal(more, structured_tiles(12, (1, 4, 4), seed=0))
+    assert worst_similarity(more) < 1.0 - 1e-6
+    small = structured_tiles(6, (1, 2, 2), seed=0)  # a 2x2 tile holds no period-4 pattern
+    assert torch.equal(small[:5], tiles[:5, :, :2, :2])
+
+
+def test_cgan_train_starts_from_the_chosen_tile_bank() -> None:
+    assert {bank.value for bank in TileBank} == set(INITIAL_TILES)  # the CLI's choices are the banks train knows
+    nets = build_nets(TrainConfig(data="", out=Path("unused"), seed=4, tiles="structured"), 1, 10, torch.device("cpu"))
+    assert torch.equal(nets.gen.tiles.detach(), 3.0 * structured_tiles(10, (1, 4, 4), seed=4))
+    with pytest.raises(ValueError, match="--tiles 'stripes'"):
+        build_nets(TrainConfig(data="", out=Path("unused"), tiles="stripes"), 1, 10, torch.device("cpu"))
 
 
 def _reference_ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cgan_cli.core.generators import protect_tensor
 from cgan_cli.core.weights import file_sha256, load_generator
 from cgan_cli.learning.config import TrainConfig
 from cgan_cli.learning.data import load_labeled, recorded_digests
-from cgan_cli.learning.train import flatten_optimizer, train, unflatten_optimizer
+from cgan_cli.learning.train import assign_tiles, build_nets, flatten_optimizer, train, unflatten_optimizer
 
 SIDE = 16
 
@@ -104,6 +105,61 @@ def test_resume_continues_from_checkpoint_step_and_matches_uninterrupted_run(fol
     b, _ = load_generator(resumed.out)
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(ta, tb), name
+
+
+def test_codes_from_keeps_a_trained_encoder_and_retrains_only_the_patterns(folder: Path, tmp_path: Path) -> None:
+    source = train(_config(folder, tmp_path / "source.safetensors", code_epochs=2, checkpoint_every=0))
+    again = train(_config(folder, tmp_path / "again.safetensors", codes_from=source.out, tiles="structured", seed=5, checkpoint_every=0))
+    assert (source.steps, again.steps) == (6, 2)  # 2 code epochs + 1 confounder epoch, then the confounder epoch alone
+    old, _ = load_generator(source.out)
+    new, meta = load_generator(again.out)
+    for part in ("encoder", "code_head"):
+        for (name, a), b in zip(getattr(old, part).state_dict().items(), getattr(new, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{name}"
+    assert not torch.equal(old.tiles, new.tiles)
+    assert meta.recipe["codes_from"]["sha256"] == file_sha256(source.out) and meta.recipe["codes_from"]["seed"] == 3
+    assert meta.recipe["tiles"] == "structured" and meta.seed == 5
+    assert again.metrics["code_train_accuracy"] == source.metrics["code_train_accuracy"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "width"])
+def test_codes_from_that_cannot_fit_is_a_usage_error(folder: Path, tmp_path: Path, problem: str) -> None:
+    source = tmp_path / "source.safetensors"
+    if problem == "width":
+        train(_config(folder, source, checkpoint_every=0, width=8))
+    out = tmp_path / "g.safetensors"
+    result = CliRunner().invoke(app, [
+        "train", str(folder), "--out", str(out), "--codes-from", str(source), "--size", str(SIDE), "--device", "cpu",
+    ])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: --codes-from") and ("no such file" if problem == "missing" else "width") in result.stderr
+    assert not out.exists()
+
+
+def test_tile_order_search_keeps_the_order_its_victim_learned_least_from(folder: Path) -> None:
+    data = load_labeled(str(folder), "train", SIDE)
+    cfg = _config(folder, Path("unused"), assign_candidates=3, assign_steps=4, tiles="structured")
+    nets = build_nets(cfg, 3, 2, torch.device("cpu"))
+    bank = nets.gen.tiles.detach().clone()
+    found = assign_tiles(nets.gen, data, cfg, torch.device("cpu"))
+    assert found["orders"][0] == [0, 1] and len(found["orders"]) == 3 and sorted(found["orders"][1]) == [0, 1]
+    assert found["chosen"] == min(range(3), key=found["victim_accuracy"].__getitem__)
+    assert torch.equal(nets.gen.tiles.detach(), bank[found["orders"][found["chosen"]]])
+    assert found["held_out_images"] == 3 and found["fit_images"] == 13  # disjoint parts of the 16 training images
+    again = build_nets(cfg, 3, 2, torch.device("cpu"))
+    assert assign_tiles(again.gen, data, cfg, torch.device("cpu")) == found  # deterministic under the seed
+    assert assign_tiles(nets.gen, data, dataclasses.replace(cfg, assign_candidates=1), torch.device("cpu")) == {}
+
+
+def test_a_resumed_run_keeps_its_tile_order(folder: Path, tmp_path: Path) -> None:
+    kw = dict(assign_candidates=2, assign_steps=2)
+    full = train(_config(folder, tmp_path / "full.safetensors", epochs=2, **kw))
+    train(_config(folder, tmp_path / "part.safetensors", epochs=1, **kw))
+    resumed = train(_config(folder, tmp_path / "resumed.safetensors", epochs=2, resume=tmp_path / "part.ckpt.safetensors", **kw))
+    assert full.metrics["tile_assignment"] == resumed.metrics["tile_assignment"] and len(full.metrics["tile_assignment"]["orders"]) == 2
+    a, _ = load_generator(full.out)
+    b, _ = load_generator(resumed.out)
+    assert torch.equal(a.tiles, b.tiles)
 
 
 def test_optimizer_state_round_trips_through_flat_tensors() -> None:

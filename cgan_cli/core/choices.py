@@ -54,6 +54,13 @@ class GeneratorArch(str, Enum):
     v2 = "confounder-v2"
 
 
+class TileBank(str, Enum):
+    """The class tiles' initial draw in `cgan train` (learning/tiles.py `INITIAL_TILES`)."""
+
+    far_apart = "far-apart"  # random +-1 tiles, greedily far apart under the victim's shift + flip
+    structured = "structured"  # +-DC, stripes and checkerboards: a different shift-invariant pattern per class
+
+
 class VictimArch(str, Enum):
     cnn = "cnn"
     resnet18 = "resnet18"

@@ -63,6 +63,10 @@ class TrainConfig:
     arch: str = "confounder-v3"  # or confounder-v2: the shallower encoder (docs/method.md)
     width: int = 32
     tile: int = 4
+    tiles: str = "far-apart"  # the class tiles' initial draw: far-apart | structured (learning/tiles.py)
+    assign_candidates: int = 1  # tile orders tried by a quick victim before the confounder stage (1 = the bank's order)
+    assign_steps: int = 500  # training steps of each of those victims
+    codes_from: Path | None = None  # take the encoder + code head from these weights and skip the code stage
     device: str = "auto"
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (autocast on CUDA only, as protect)
     seed: int = 0

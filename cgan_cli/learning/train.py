@@ -48,23 +48,25 @@ from cgan_cli.core.device import (
     resolve_precision,
     set_cpu_threads,
 )
+from cgan_cli.core.errors import UsageError
 from cgan_cli.core.generators import (
     DeepCodeGenerator,
     HardCodeGenerator,
     quantize_8bit,
 )
 from cgan_cli.core.noise import activity_mask
-from cgan_cli.core.weights import DIGESTS_KEY, WeightsMeta, save_generator, save_tensors_atomic
-from cgan_cli.learning.config import TrainConfig
+from cgan_cli.core.weights import DIGESTS_KEY, WeightsMeta, file_sha256, load_generator, save_generator, save_tensors_atomic
+from cgan_cli.learning.config import TrainConfig, VictimConfig
 from cgan_cli.learning.data import LabeledImages, load_labeled, record_digests
 from cgan_cli.learning.distortions import check as check_distortions
 from cgan_cli.learning.distortions import distort_pair
 from cgan_cli.learning.nets import Discriminator, SmallCNN
-from cgan_cli.learning.tiles import far_apart_tiles
-from cgan_cli.learning.victims import accuracy
+from cgan_cli.learning.tiles import INITIAL_TILES
+from cgan_cli.learning.victims import accuracy, train_victim
 
 OBJECTIVE = "staged: codes CE -> far-apart tiles by N->Y + min-min (surrogate reset) + hinge GAN, distortions in loop"
 CKPT_FORMAT = 1
+ASSIGN_FIT, ASSIGN_HELD_OUT = 10_000, 5_000  # most training images the tile-order victims train / are tested on
 TRAINABLE_ARCHS = {cls.arch: cls for cls in (HardCodeGenerator, DeepCodeGenerator)}
 
 
@@ -164,8 +166,10 @@ def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.
         raise ValueError(f"--arch {cfg.arch!r}: choose from {sorted(TRAINABLE_ARCHS)}")
     torch.manual_seed(cfg.seed)
     gen = TRAINABLE_ARCHS[cfg.arch](channels, num_classes, cfg.width, cfg.tile).to(device)
-    with torch.no_grad():  # saturated (+-1 after tanh) and far apart under the victim's shift + flip
-        gen.tiles.copy_(3.0 * far_apart_tiles(num_classes, tuple(gen.tiles.shape[1:]), cfg.seed))
+    if cfg.tiles not in INITIAL_TILES:
+        raise ValueError(f"--tiles {cfg.tiles!r}: choose from {sorted(INITIAL_TILES)}")
+    with torch.no_grad():  # saturated (+-1 after tanh), and distinct under the victim's shift + flip
+        gen.tiles.copy_(3.0 * INITIAL_TILES[cfg.tiles](num_classes, tuple(gen.tiles.shape[1:]), cfg.seed))
     disc = Discriminator(channels).to(device)
     noise_clf = SmallCNN(channels, num_classes).to(device)
     surrogate = fresh_surrogate(channels, num_classes, cfg.seed, device)
@@ -181,7 +185,8 @@ def build_nets(cfg: TrainConfig, channels: int, num_classes: int, device: torch.
     )
 
 
-def save_checkpoint(path: Path, nets: Nets, step: int, cfg: TrainConfig, aug_gen: torch.Generator) -> None:
+def save_checkpoint(path: Path, nets: Nets, step: int, cfg: TrainConfig, aug_gen: torch.Generator,
+                    assignment: dict[str, Any] | None = None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     groups = {}
     for name, module in nets.modules().items():
@@ -191,12 +196,13 @@ def save_checkpoint(path: Path, nets: Nets, step: int, cfg: TrainConfig, aug_gen
         tensors.update(flat)
     tensors["rng.aug"] = aug_gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"format": CKPT_FORMAT, "step": step, "param_groups": groups, "config": _jsonable(asdict(cfg))}
+    meta = {"format": CKPT_FORMAT, "step": step, "param_groups": groups, "config": _jsonable(asdict(cfg)),
+            "tile_assignment": assignment or {}}
     save_tensors_atomic(path, tensors, {"cgan-checkpoint": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, nets: Nets, aug_gen: torch.Generator, device: torch.device) -> int:
-    """Restore every network, optimizer and RNG; returns the step to continue from."""
+def load_checkpoint(path: Path, nets: Nets, aug_gen: torch.Generator, device: torch.device) -> tuple[int, dict[str, Any]]:
+    """Restore every network, optimizer and RNG; returns the step to continue from and the tile assignment."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
@@ -211,7 +217,7 @@ def load_checkpoint(path: Path, nets: Nets, aug_gen: torch.Generator, device: to
         opt.load_state_dict(unflatten_optimizer(name, tensors, meta["param_groups"][name]))
     aug_gen.set_state(tensors["rng.aug"].cpu())
     torch.set_rng_state(tensors["rng.torch"].cpu())
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("tile_assignment", {})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -225,6 +231,67 @@ def _jsonable(obj: Any) -> Any:
 def masked_noise(gen: nn.Module, x: torch.Tensor, epsilon: float, mask_floor: float) -> torch.Tensor:
     """epsilon/255 * G(x) scaled by the local-activity mask: exactly what the protect engine adds."""
     return (epsilon / 255.0) * gen(x) * activity_mask(x, mask_floor)
+
+
+def assignment_victim(gen: HardCodeGenerator, order: torch.Tensor, fit: LabeledImages, held: LabeledImages,
+                      cfg: TrainConfig, victim: VictimConfig) -> float:
+    """Clean held-out accuracy of a fresh victim trained on `fit` with class c carrying tile `order[c]`
+    alone (no local head), through the mask, clamp and 8-bit rounding that protect applies."""
+    x, y = fit.floats().to(victim.device), fit.labels.to(victim.device)
+    with torch.no_grad():
+        noise = gen.noise_over(torch.zeros_like(x), gen.tiles.detach()[order.to(x.device)][y])
+        protected = quantize_8bit(x + cfg.epsilon / 255.0 * noise * activity_mask(x, cfg.mask_floor))
+    return train_victim(protected, y, held.floats(), held.labels, gen.num_codes, victim).test_accuracy
+
+
+def assign_tiles(gen: HardCodeGenerator, data: LabeledImages, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Which class gets which tile: the order of the bank matters as much as the bank (on Fashion-MNIST
+    one structured bank left 10,000-image victims at 20% or 36% by its order alone; docs/method.md,
+    Measurement 9). Tries the bank's own order and `assign_candidates - 1` seeded permutations; for
+    each, a fresh victim trains on training images carrying only their class's tile and is tested on
+    clean held-out training images. The order whose victim learns least wins; the tiles are reordered."""
+    if cfg.assign_candidates <= 1:
+        return {}
+    k = gen.num_codes
+    shuffled = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))
+    n_held = min(max(len(data) // 5, 1), ASSIGN_HELD_OUT)
+    held, fit = data.subset(shuffled[:n_held]), data.subset(shuffled[n_held : n_held + ASSIGN_FIT])
+    steps_per_epoch = math.ceil(len(fit) / cfg.batch_size)
+    victim = VictimConfig(epochs=max(1, math.ceil(cfg.assign_steps / steps_per_epoch)), batch_size=cfg.batch_size,
+                          seed=cfg.seed, device=device.type)
+    draw = torch.Generator().manual_seed(cfg.seed + 1)
+    orders = [torch.arange(k)] + [torch.randperm(k, generator=draw) for _ in range(cfg.assign_candidates - 1)]
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # the victims reseed torch; the run's own stream stays as without them
+        scores = [assignment_victim(gen, order, fit, held, cfg, victim) for order in orders]
+    best = min(range(len(orders)), key=scores.__getitem__)
+    with torch.no_grad():
+        gen.tiles.copy_(gen.tiles[orders[best].to(gen.tiles.device)])
+    return {"orders": [o.tolist() for o in orders], "victim_accuracy": [round(a, 4) for a in scores], "chosen": best,
+            "fit_images": len(fit), "held_out_images": len(held), "victim_epochs": victim.epochs,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def take_codes(gen: HardCodeGenerator, path: Path, data: LabeledImages) -> dict[str, Any]:
+    """Copy a trained generator's encoder + code head into `gen` (`--codes-from`), so a run can retrain
+    the patterns (tiles, budget, mask, distortions) without refitting the classifier, ~80% of a run.
+    Returns what the new weights record of where their codes came from."""
+    if not path.is_file():
+        raise UsageError(f"--codes-from {path}: no such file")
+    source, meta = load_generator(path)
+    mine = {k: v for k, v in gen.arch_params().items() if k != "tile"}
+    theirs = {k: v for k, v in meta.arch_params.items() if k != "tile"}
+    if meta.arch != gen.arch or mine != theirs:
+        raise UsageError(f"--codes-from {path}: its generator is {meta.arch} {theirs}; this run builds {gen.arch} {mine}")
+    if list(meta.class_names) != list(data.class_names) or meta.working_size != data.size:
+        raise UsageError(
+            f"--codes-from {path}: its classes {list(meta.class_names)} at {meta.working_size} px do not match "
+            f"this data's {list(data.class_names)} at {data.size} px"
+        )
+    gen.encoder.load_state_dict(source.encoder.state_dict())
+    gen.code_head.load_state_dict(source.code_head.state_dict())
+    return {"file": path.name, "sha256": file_sha256(path), "seed": meta.seed, "dataset": meta.dataset.get("name"),
+            "code_epochs": meta.recipe.get("code_epochs")}
 
 
 def code_step(nets: Nets, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, float]:
@@ -308,11 +375,16 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
     data = data if data is not None else load_labeled(cfg.data, split="train", size=cfg.size)
     channels, num_classes, side = data.channels, len(data.class_names), data.size
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    code_steps, total_steps = cfg.code_epochs * steps_per_epoch, (cfg.code_epochs + cfg.epochs) * steps_per_epoch
+    code_steps = 0 if cfg.codes_from else cfg.code_epochs * steps_per_epoch  # --codes-from: the encoder is fit already
+    total_steps = code_steps + cfg.epochs * steps_per_epoch
 
     nets = build_nets(cfg, channels, num_classes, device)
+    codes_source = take_codes(nets.gen, Path(cfg.codes_from), data) if cfg.codes_from else None
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    step = load_checkpoint(Path(cfg.resume), nets, aug_gen, device) if cfg.resume else 0
+    if cfg.resume:
+        step, assignment = load_checkpoint(Path(cfg.resume), nets, aug_gen, device)
+    else:  # a fresh run orders its tiles first (the checkpoint holds them ordered)
+        step, assignment = 0, assign_tiles(nets.gen, data, cfg, device)
     ckpt_path = sibling(out, ".ckpt.safetensors")
     amp = autocast_context(device, resolve_precision(cfg.precision, device))
     sample_x = data.pixels[:8].float().div(255.0).to(device)
@@ -343,16 +415,21 @@ def train(cfg: TrainConfig, data: LabeledImages | None = None) -> TrainResult:
             stage = "codes" if step <= code_steps else "confounder"
             bar.update(task, completed=step, stage=stage, losses=" ".join(f"{k} {v:.3f}" for k, v in logs.items()))
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                save_checkpoint(ckpt_path, nets, step, cfg, aug_gen)
+                save_checkpoint(ckpt_path, nets, step, cfg, aug_gen, assignment)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 write_sample(nets.gen, sample_x, cfg.epsilon, cfg.mask_floor, sibling(out, ".samples") / f"step{step:07d}.png")
 
     seconds = time.perf_counter() - start
-    metrics = {"steps": step, "seconds": round(seconds, 1), "last": logs, **evaluate(nets, data, cfg, device)}
+    metrics = {"steps": step, "seconds": round(seconds, 1), "last": logs, **evaluate(nets, data, cfg, device),
+               **({"tile_assignment": assignment} if assignment else {})}
     meta = WeightsMeta(
         arch=nets.gen.arch, arch_params=nets.gen.arch_params(), epsilon=cfg.epsilon, working_size=side,
         channels=channels, num_classes=num_classes, class_names=list(data.class_names),
-        recipe={"objective": OBJECTIVE, **_jsonable({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "progress", "command", "data")})},
+        recipe={
+            "objective": OBJECTIVE,
+            **_jsonable({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "progress", "command", "data", "codes_from")}),
+            **({"codes_from": codes_source} if codes_source else {}),
+        },
         dataset=training_set_record(data, cfg.data),
         seed=cfg.seed, command=cfg.command or shlex.join(sys.argv), code_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
