@@ -5,8 +5,11 @@ The objective (docs/method.md has the measurements that chose it) runs in two st
 1. *codes*: the generator's encoder learns to tell the classes apart (cross-entropy on the labels).
    At protect time the label is never an input, so the noise can only predict the label if the
    generator infers it from the image; it is trained on the very images it will protect.
+   `--codes-from` takes a trained encoder instead and skips this stage.
+   Before it, `assign_tiles` may pick which class gets which tile (`--assign-candidates`): the
+   order whose class-wise noise a quick victim learns least from.
 2. *confounder*: with the encoder frozen, the per-class tiles (initialised far apart under the
-   victim's shift and flip: learning/tiles.py) and the local head learn noise that is as *learnable*
+   victim's shift and flip, or as a structured bank: learning/tiles.py) and the local head learn noise that is as *learnable*
    as possible after the trip to the victim (clamp to [0, 1], 8-bit rounding, then the distortion
    layer: resize, JPEG, blur, grayscale, sub-pixel shift, the victim's crop + flip;
    learning/distortions.py), scaled by the local-activity mask the protect engine applies:
@@ -64,7 +67,7 @@ from cgan_cli.learning.nets import Discriminator, SmallCNN
 from cgan_cli.learning.tiles import INITIAL_TILES
 from cgan_cli.learning.victims import accuracy, train_victim
 
-OBJECTIVE = "staged: codes CE -> far-apart tiles by N->Y + min-min (surrogate reset) + hinge GAN, distortions in loop"
+OBJECTIVE = "staged: codes CE -> class tiles (recipe: tiles, assign_candidates) by N->Y + min-min (surrogate reset) + hinge GAN, distortions in loop"
 CKPT_FORMAT = 1
 ASSIGN_FIT, ASSIGN_HELD_OUT = 10_000, 5_000  # most training images the tile-order victims train / are tested on
 TRAINABLE_ARCHS = {cls.arch: cls for cls in (HardCodeGenerator, DeepCodeGenerator)}
@@ -237,9 +240,9 @@ def assignment_victim(gen: HardCodeGenerator, order: torch.Tensor, fit: LabeledI
                       cfg: TrainConfig, victim: VictimConfig) -> float:
     """Clean held-out accuracy of a fresh victim trained on `fit` with class c carrying tile `order[c]`
     alone (no local head), through the mask, clamp and 8-bit rounding that protect applies."""
-    x, y = fit.floats().to(victim.device), fit.labels.to(victim.device)
+    x, y = fit.floats(), fit.labels  # on the CPU, like any victim's data: train_victim moves each batch
     with torch.no_grad():
-        noise = gen.noise_over(torch.zeros_like(x), gen.tiles.detach()[order.to(x.device)][y])
+        noise = gen.noise_over(torch.zeros_like(x), gen.tiles.detach().cpu()[order][y])
         protected = quantize_8bit(x + cfg.epsilon / 255.0 * noise * activity_mask(x, cfg.mask_floor))
     return train_victim(protected, y, held.floats(), held.labels, gen.num_codes, victim).test_accuracy
 
