@@ -187,7 +187,7 @@ _DIST = "Distortions (the platform and scraper between the protected image and t
 def train_cmd(
     data: str = typer.Argument(..., help="'fashion-mnist' or a class-per-subfolder image folder (DATA/<class>/<image>)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output generator, e.g. weights/NAME.safetensors.", rich_help_panel=_DATA),
-    arch: GeneratorArch = typer.Option(TRAIN.arch, help="Generator: confounder-v3 (deep code encoder; the shipped weights) | confounder-v2 (shallow encoder, kept for comparison).", rich_help_panel=_DATA),
+    arch: GeneratorArch = typer.Option(TRAIN.arch, help="Generator: confounder-v3 (deep code encoder; the shipped weights) | confounder-v4 (v3 whose local head cannot offset a whole image) | confounder-v2 (shallow encoder, kept for comparison).", rich_help_panel=_DATA),
     epochs: int = typer.Option(TRAIN.epochs, help="Confounder-stage epochs (tiles + local head).", rich_help_panel=_OPT),
     code_epochs: int = typer.Option(TRAIN.code_epochs, help="Classifier-stage epochs: the encoder must fit ~100% of the training images (small sets need hundreds; see the printed code train accuracy).", rich_help_panel=_OPT),
     codes_from: Path | None = typer.Option(TRAIN.codes_from, "--codes-from", help="Take the encoder + code head from these weights (same arch, width, classes, size) and skip the classifier stage: retrain only the patterns.", rich_help_panel=_OPT),

@@ -51,6 +51,7 @@ class GeneratorArch(str, Enum):
     """Trainable generators (core/generators.py); v3 is what the shipped weights use."""
 
     v3 = "confounder-v3"
+    v4 = "confounder-v4"
     v2 = "confounder-v2"
 
 

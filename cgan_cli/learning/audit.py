@@ -209,7 +209,7 @@ class Patterns:
         x = base / 255.0
         if tuple(x.shape[-2:]) != self.gen_shape:
             x = F.interpolate(x, size=self.gen_shape, mode="bilinear", antialias=True, align_corners=False)
-        local = self.generator.local_head(_to_channels(x, self.meta.channels, average=False))
+        local = self.generator.local(_to_channels(x, self.meta.channels, average=False))
         mask = activity_mask(x, self.mask_floor) if self.mask_floor < NO_MASK else None
 
         @torch.inference_mode()

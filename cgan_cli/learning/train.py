@@ -53,6 +53,7 @@ from cgan_cli.core.device import (
 )
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.generators import (
+    CenteredLocalGenerator,
     DeepCodeGenerator,
     HardCodeGenerator,
     quantize_8bit,
@@ -70,7 +71,7 @@ from cgan_cli.learning.victims import accuracy, train_victim
 OBJECTIVE = "staged: codes CE -> class tiles (recipe: tiles, assign_candidates) by N->Y + min-min (surrogate reset) + hinge GAN, distortions in loop"
 CKPT_FORMAT = 1
 ASSIGN_FIT, ASSIGN_HELD_OUT = 10_000, 5_000  # most training images the tile-order victims train / are tested on
-TRAINABLE_ARCHS = {cls.arch: cls for cls in (HardCodeGenerator, DeepCodeGenerator)}
+TRAINABLE_ARCHS = {cls.arch: cls for cls in (HardCodeGenerator, DeepCodeGenerator, CenteredLocalGenerator)}
 
 
 @dataclass
@@ -275,6 +276,11 @@ def assign_tiles(gen: HardCodeGenerator, data: LabeledImages, cfg: TrainConfig, 
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def code_shapes(gen: nn.Module) -> list[tuple[str, torch.Size]]:
+    """The encoder's and code head's tensor names and shapes: what must match to copy them over."""
+    return [(f"{part}.{k}", v.shape) for part in ("encoder", "code_head") for k, v in getattr(gen, part).state_dict().items()]
+
+
 def take_codes(gen: HardCodeGenerator, path: Path, data: LabeledImages) -> dict[str, Any]:
     """Copy a trained generator's encoder + code head into `gen` (`--codes-from`), so a run can retrain
     the patterns (tiles, budget, mask, distortions) without refitting the classifier, ~80% of a run.
@@ -282,10 +288,9 @@ def take_codes(gen: HardCodeGenerator, path: Path, data: LabeledImages) -> dict[
     if not path.is_file():
         raise UsageError(f"--codes-from {path}: no such file")
     source, meta = load_generator(path)
-    mine = {k: v for k, v in gen.arch_params().items() if k != "tile"}
-    theirs = {k: v for k, v in meta.arch_params.items() if k != "tile"}
-    if meta.arch != gen.arch or mine != theirs:
-        raise UsageError(f"--codes-from {path}: its generator is {meta.arch} {theirs}; this run builds {gen.arch} {mine}")
+    if code_shapes(source) != code_shapes(gen):  # tiles and local head may differ (a v3 encoder into a v4)
+        raise UsageError(f"--codes-from {path}: its generator is {meta.arch} {meta.arch_params}; "
+                         f"this run builds {gen.arch} {gen.arch_params()}, whose encoder differs")
     if list(meta.class_names) != list(data.class_names) or meta.working_size != data.size:
         raise UsageError(
             f"--codes-from {path}: its classes {list(meta.class_names)} at {meta.working_size} px do not match "
