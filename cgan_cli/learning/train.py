@@ -237,15 +237,15 @@ def masked_noise(gen: nn.Module, x: torch.Tensor, epsilon: float, mask_floor: fl
     return (epsilon / 255.0) * gen(x) * activity_mask(x, mask_floor)
 
 
-def assignment_victim(gen: HardCodeGenerator, order: torch.Tensor, fit: LabeledImages, held: LabeledImages,
-                      cfg: TrainConfig, victim: VictimConfig) -> float:
-    """Clean held-out accuracy of a fresh victim trained on `fit` with class c carrying tile `order[c]`
-    alone (no local head), through the mask, clamp and 8-bit rounding that protect applies."""
-    x, y = fit.floats(), fit.labels  # on the CPU, like any victim's data: train_victim moves each batch
+def assignment_victim(gen: HardCodeGenerator, order: torch.Tensor, fit: tuple[torch.Tensor, torch.Tensor],
+                      held: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, victim: VictimConfig) -> float:
+    """Clean held-out accuracy of a fresh victim trained on `fit` (images, labels) with class c carrying
+    tile `order[c]` alone (no local head), through the mask, clamp and 8-bit rounding that protect applies."""
+    x, y = fit
     with torch.no_grad():
         noise = gen.noise_over(torch.zeros_like(x), gen.tiles.detach().cpu()[order][y])
         protected = quantize_8bit(x + cfg.epsilon / 255.0 * noise * activity_mask(x, cfg.mask_floor))
-    return train_victim(protected, y, held.floats(), held.labels, gen.num_codes, victim).test_accuracy
+    return train_victim(protected, y, *held, gen.num_codes, victim).test_accuracy
 
 
 def assign_tiles(gen: HardCodeGenerator, data: LabeledImages, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -266,8 +266,10 @@ def assign_tiles(gen: HardCodeGenerator, data: LabeledImages, cfg: TrainConfig, 
     draw = torch.Generator().manual_seed(cfg.seed + 1)
     orders = [torch.arange(k)] + [torch.randperm(k, generator=draw) for _ in range(cfg.assign_candidates - 1)]
     start = time.perf_counter()
+    # Floats once for every order, on the CPU like any victim's data (train_victim moves each batch).
+    fit_xy, held_xy = (fit.floats(), fit.labels), (held.floats(), held.labels)
     with torch.random.fork_rng(devices=[]):  # the victims reseed torch; the run's own stream stays as without them
-        scores = [assignment_victim(gen, order, fit, held, cfg, victim) for order in orders]
+        scores = [assignment_victim(gen, order, fit_xy, held_xy, cfg, victim) for order in orders]
     best = min(range(len(orders)), key=scores.__getitem__)
     with torch.no_grad():
         gen.tiles.copy_(gen.tiles[orders[best].to(gen.tiles.device)])
