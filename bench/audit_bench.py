@@ -12,7 +12,7 @@ its clean twin on all 60,000 training images for 10 epochs:
     bench/audit_bench.py train --out runs/audit-bench-60k --limit 60000 --epochs 10 --only mix10-cnn clean-cnn-s0
     bench/audit_bench.py audit --out runs/audit-bench-60k
 
-`train` protects a seeded training subset with the shipped weights/cgan-fashion-mnist.safetensors at
+`train` protects a seeded training subset with the shipped weights/cgan-fashion-mnist-v3.safetensors at
 8/255 THROUGH THE ENGINE (`ProtectEngine.protect_batch`, what `cgan protect` runs), trains victims
 (`learning.victims.fit_victim`) and saves them with torch.jit.script (torch.jit.trace for ResNet-18).
 Architectures: the repo's SmallCNN and ResNet-18 and two that are not in this repo (LeNet: 5x5
@@ -44,7 +44,7 @@ from cgan_cli.learning.data import load_fashion_mnist  # noqa: E402
 from cgan_cli.learning.verify import protect_with_engine, subsample  # noqa: E402
 from cgan_cli.learning.victims import fit_victim  # noqa: E402
 
-WEIGHTS = ROOT / "weights" / "cgan-fashion-mnist.safetensors"
+WEIGHTS = ROOT / "weights" / "cgan-fashion-mnist-v3.safetensors"  # the far-apart generator: the audit has controls for its tiles
 
 
 class LeNet(nn.Module):

@@ -187,7 +187,7 @@ _DIST = "Distortions (the platform and scraper between the protected image and t
 def train_cmd(
     data: str = typer.Argument(..., help="'fashion-mnist' or a class-per-subfolder image folder (DATA/<class>/<image>)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output generator, e.g. weights/NAME.safetensors.", rich_help_panel=_DATA),
-    arch: GeneratorArch = typer.Option(TRAIN.arch, help="Generator: confounder-v3 (deep code encoder; the shipped weights) | confounder-v4 (v3 whose local head cannot offset a whole image) | confounder-v2 (shallow encoder, kept for comparison).", rich_help_panel=_DATA),
+    arch: GeneratorArch = typer.Option(TRAIN.arch, help="Generator: confounder-v4 (deep code encoder; its local head cannot offset a whole image) | confounder-v3 (the same without that; the shipped RGB weights) | confounder-v2 (shallow encoder, kept for comparison).", rich_help_panel=_DATA),
     epochs: int = typer.Option(TRAIN.epochs, help="Confounder-stage epochs (tiles + local head).", rich_help_panel=_OPT),
     code_epochs: int = typer.Option(TRAIN.code_epochs, help="Classifier-stage epochs: the encoder must fit ~100% of the training images (small sets need hundreds; see the printed code train accuracy).", rich_help_panel=_OPT),
     codes_from: Path | None = typer.Option(TRAIN.codes_from, "--codes-from", help="Take the encoder + code head from these weights (same arch, width, classes, size) and skip the classifier stage: retrain only the patterns.", rich_help_panel=_OPT),
@@ -201,7 +201,7 @@ def train_cmd(
     reset_every: int = typer.Option(TRAIN.reset_every, help="Re-initialise the min-min surrogate every N steps.", rich_help_panel=_OBJ),
     assign_candidates: int = typer.Option(TRAIN.assign_candidates, "--assign-candidates", min=1, help="Tile orders (which class gets which tile) tried before the confounder stage, each by a quick victim on held-out training images; the one it learns least from wins (1 = the bank's order).", rich_help_panel=_OBJ),
     assign_steps: int = typer.Option(TRAIN.assign_steps, "--assign-steps", min=1, help="Training steps of each of those victims.", rich_help_panel=_OBJ),
-    tiles: TileBank = typer.Option(TRAIN.tiles, "--tiles", help="The class tiles' initial draw: far-apart (random, far apart under shift + flip) | structured (+-DC, stripes, checkerboards; docs/method.md, Measurement 9).", rich_help_panel=_OBJ),
+    tiles: TileBank = typer.Option(TRAIN.tiles, "--tiles", help="The class tiles' initial draw: structured (+-DC, stripes, checkerboards; protects best, but `cgan audit` cannot test it; docs/method.md, Measurements 9-10) | far-apart (random, far apart under shift + flip; auditable).", rich_help_panel=_OBJ),
     augment: bool = typer.Option(DIST.crop_flip > 0, "--augment/--no-augment", help="The victim's crop + flip inside the loop.", rich_help_panel=_DIST),
     dist_resize: float = typer.Option(DIST.resize, min=0, max=1, help="Resize to another size and grid offset (bilinear/bicubic/area/antialiased), and back.", rich_help_panel=_DIST),
     dist_resize_min: float = typer.Option(DIST.resize_min, min=0.05, help="Smallest resize factor.", rich_help_panel=_DIST),

@@ -6,6 +6,7 @@ one (tests/conftest.py), whose code patterns are as learnable as trained ones wh
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -223,3 +224,21 @@ def test_the_audit_adds_each_code_as_protect_would_and_more_control_sets_keep_th
     fewer = Patterns(generator, meta, EPSILON, SIZE, control_sets=1, seed=0, controls="balanced")
     assert len(patterns) == 4 * generator.num_codes and len(fewer) == 2 * generator.num_codes
     assert torch.equal(patterns.tiles[: len(fewer)], fewer.tiles)  # a run with fewer sets sees exactly these controls
+
+
+def test_a_generator_with_structured_tiles_is_refused_not_audited(setup, tmp_path) -> None:
+    """A clean model reacts to +-DC, stripes and checkerboards more than to any shuffle of them, so the
+    audit would flag it: such generators are a usage error, named, before any model is queried."""
+    from cgan_cli.core.shipped import shipped_weights_dir
+
+    generator, meta = load_generator(setup["weights"])
+    structured = tmp_path / "structured.safetensors"
+    save_generator(structured, generator, dataclasses.replace(meta, recipe={**meta.recipe, "tiles": "structured"}))
+    shipped = shipped_weights_dir()
+    for weights in (structured, shipped / "cgan-fashion-mnist.safetensors"):
+        result = run_audit(str(setup["victim"]), "--weights", str(weights), "--images", str(setup["images"]))
+        assert result.exit_code == 2 and "--tiles structured" in result.output and "Traceback" not in result.output
+    result = run_audit(str(setup["victim"]), "--weights", str(shipped / "cgan-fashion-mnist-v3.safetensors"),
+                       "--images", str(setup["images"]), "--json")
+    assert result.exit_code == 0, result.output  # the far-apart generator the refusal points to is audited
+    assert json.loads(result.stdout)["weights"]["arch"] == "confounder-v3"

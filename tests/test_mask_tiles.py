@@ -123,8 +123,8 @@ def test_far_apart_tiles_beat_the_old_random_draw_and_repeat_under_a_seed() -> N
     assert set(new.unique().tolist()) == {-1.0, 1.0}
 
 
-def test_cgan_train_starts_from_the_far_apart_tiles() -> None:
-    cfg = TrainConfig(data="", out=Path("unused"), seed=4)
+def test_cgan_train_starts_from_far_apart_tiles_on_request() -> None:
+    cfg = TrainConfig(data="", out=Path("unused"), seed=4, tiles="far-apart")
     nets = build_nets(cfg, 1, 10, torch.device("cpu"))
     assert torch.equal(nets.gen.tiles.detach(), 3.0 * far_apart_tiles(10, (1, 4, 4), seed=4))
     again = build_nets(cfg, 1, 10, torch.device("cpu"))
@@ -148,7 +148,7 @@ def test_structured_tiles_start_with_the_hand_made_bank_and_fill_up_far_apart() 
 
 def test_cgan_train_starts_from_the_chosen_tile_bank() -> None:
     assert {bank.value for bank in TileBank} == set(INITIAL_TILES)  # the CLI's choices are the banks train knows
-    nets = build_nets(TrainConfig(data="", out=Path("unused"), seed=4, tiles="structured"), 1, 10, torch.device("cpu"))
+    nets = build_nets(TrainConfig(data="", out=Path("unused"), seed=4), 1, 10, torch.device("cpu"))  # the default bank
     assert torch.equal(nets.gen.tiles.detach(), 3.0 * structured_tiles(10, (1, 4, 4), seed=4))
     with pytest.raises(ValueError, match="--tiles 'stripes'"):
         build_nets(TrainConfig(data="", out=Path("unused"), tiles="stripes"), 1, 10, torch.device("cpu"))

@@ -42,7 +42,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(folder: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(folder), out=out, epochs=1, code_epochs=1, batch_size=8, size=SIDE, reset_every=3,
-                checkpoint_every=1, progress=False, seed=3, epsilon=8.0)
+                checkpoint_every=1, progress=False, seed=3, epsilon=8.0, assign_candidates=1)
     return TrainConfig(**{**base, **kw})
 
 
@@ -123,7 +123,7 @@ def test_codes_from_keeps_a_trained_encoder_and_retrains_only_the_patterns(folde
 
 
 def test_a_v4_generator_takes_a_v3_encoder_and_its_local_head_offsets_no_image(folder: Path, tmp_path: Path) -> None:
-    source = train(_config(folder, tmp_path / "v3.safetensors", checkpoint_every=0))
+    source = train(_config(folder, tmp_path / "v3.safetensors", arch="confounder-v3", checkpoint_every=0))
     v4 = train(_config(folder, tmp_path / "v4.safetensors", codes_from=source.out, arch="confounder-v4", checkpoint_every=0))
     old, _ = load_generator(source.out)
     new, meta = load_generator(v4.out)

@@ -51,6 +51,10 @@ from cgan_cli.learning.data import load_unlabeled
 
 Predict = Callable[[torch.Tensor], Any]  # normalised (B, C, S, S) float batch -> (B, classes) scores
 LOG_FLOOR = 1e-6  # probabilities are floored here before the log (label-only APIs return exact zeros)
+# Tile banks (`cgan train --tiles`) that no shuffle of their own values controls for: +-DC, stripes and
+# checkerboards move a model that never saw protected images more than any shuffle of them does (a clean
+# SmallCNN came out at p = 8.6e-8 against the structured Fashion-MNIST generator; docs/audit.md).
+UNCONTROLLED_TILES = {"structured"}
 
 
 class AuditError(UsageError):
@@ -389,8 +393,13 @@ def audit(cfg: AuditConfig) -> dict[str, Any]:
         raise AuditError("no --weights given and no shipped default generator in this installation")
     if cfg.images is None:
         raise AuditError("--images DIR is required: clean images of the kind the model classifies")
-    predict, model_record = load_model(cfg)
     generator, meta = load_generator(Path(weights), "cpu")
+    if meta.recipe.get("tiles") in UNCONTROLLED_TILES:
+        raise AuditError(f"{weights} was trained with --tiles {meta.recipe['tiles']}: the audit has no valid controls for those "
+                         "patterns (a model that never saw protected images reacts to them too, so it would be flagged). "
+                         "Audit only data protected by a generator trained with --tiles far-apart, e.g. the shipped "
+                         "cgan-fashion-mnist-v3.safetensors or the RGB generators")
+    predict, model_record = load_model(cfg)
     size = cfg.size or meta.working_size
     channels = cfg.channels or meta.channels
     if channels not in (1, 3):

@@ -60,11 +60,11 @@ class TrainConfig:
     mask_floor: float = 1.0  # local-activity mask: noise scale in flat regions (1 = no mask; core/noise.activity_mask)
     epsilon: float = 8.0  # L-inf budget in /255 units
     size: int = 64  # working resolution for folder datasets (built-in sets keep their own)
-    arch: str = "confounder-v3"  # or confounder-v2: the shallower encoder (docs/method.md)
+    arch: str = "confounder-v4"  # v3 whose local head cannot offset a whole image; or v3, v2 (docs/method.md)
     width: int = 32
     tile: int = 4
-    tiles: str = "far-apart"  # the class tiles' initial draw: far-apart | structured (learning/tiles.py)
-    assign_candidates: int = 1  # tile orders tried by a quick victim before the confounder stage (1 = the bank's order)
+    tiles: str = "structured"  # the class tiles' initial draw: structured | far-apart (learning/tiles.py)
+    assign_candidates: int = 8  # tile orders tried by a quick victim before the confounder stage (1 = the bank's order)
     assign_steps: int = 500  # training steps of each of those victims
     codes_from: Path | None = None  # take the encoder + code head from these weights and skip the code stage
     device: str = "auto"

@@ -6,10 +6,10 @@ The objective (docs/method.md has the measurements that chose it) runs in two st
    At protect time the label is never an input, so the noise can only predict the label if the
    generator infers it from the image; it is trained on the very images it will protect.
    `--codes-from` takes a trained encoder instead and skips this stage.
-   Before it, `assign_tiles` may pick which class gets which tile (`--assign-candidates`): the
+   Before it, `assign_tiles` picks which class gets which tile (`--assign-candidates`): the
    order whose class-wise noise a quick victim learns least from.
-2. *confounder*: with the encoder frozen, the per-class tiles (initialised far apart under the
-   victim's shift and flip, or as a structured bank: learning/tiles.py) and the local head learn noise that is as *learnable*
+2. *confounder*: with the encoder frozen, the per-class tiles (initialised as a structured bank, or
+   far apart under the victim's shift and flip: learning/tiles.py) and the local head learn noise that is as *learnable*
    as possible after the trip to the victim (clamp to [0, 1], 8-bit rounding, then the distortion
    layer: resize, JPEG, blur, grayscale, sub-pixel shift, the victim's crop + flip;
    learning/distortions.py), scaled by the local-activity mask the protect engine applies:
