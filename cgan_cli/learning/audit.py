@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cgan_cli import __version__
+from cgan_cli.core.choices import TileBank
 from cgan_cli.core.engine import working_shape
 from cgan_cli.core.errors import UsageError
 from cgan_cli.core.noise import (
@@ -54,7 +55,7 @@ LOG_FLOOR = 1e-6  # probabilities are floored here before the log (label-only AP
 # Tile banks (`cgan train --tiles`) that no shuffle of their own values controls for: +-DC, stripes and
 # checkerboards move a model that never saw protected images more than any shuffle of them does (a clean
 # SmallCNN came out at p = 8.6e-8 against the structured Fashion-MNIST generator; docs/audit.md).
-UNCONTROLLED_TILES = {"structured"}
+UNCONTROLLED_TILES = {TileBank.structured.value}
 
 
 class AuditError(UsageError):
